@@ -1,0 +1,176 @@
+"""NanoSpec settings: one typed model, parsed in one place.
+
+Everything else in the package receives a :class:`NanoSpecConfig`; nothing reads raw dicts. The defaults follow
+the paper (arXiv 2605.26444): seed from the prompt ids, add each step's draft tokens and the target's top-3 at
+verified positions, 3,072 ids per request, EOS and special ids always active. Choices the paper leaves open
+(full-set policy, static hot set, prompt-position top-k, kernel) are explicit settings with documented defaults.
+
+Errors name the key and what is allowed: ``nanospec.capacity: must be >= 1 (got 0)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = ["NanoSpecConfig", "NanoSpecConfigError", "parse_config", "load_config_file", "load_hot_set"]
+
+KernelChoice = Literal["auto", "triton", "torch", "native"]
+FullPolicy = Literal["stop", "fifo"]
+
+
+class NanoSpecConfigError(ValueError):
+    """A NanoSpec setting is missing, unknown, of the wrong type or out of range. The message names the key."""
+
+
+class NanoSpecConfig(BaseModel):
+    """The ``nanospec:`` block of a speculative config.
+
+    Attributes are documented in ``docs/configuration.md``; keep the two in sync (a unit test checks that every
+    field is mentioned there).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    enabled: bool = Field(True, description="Default for requests; a request may switch it off (or on).")
+    capacity: int = Field(3072, ge=1, le=1 << 20, description="Maximum active ids per request.")
+    seed_from_prompt: bool = Field(True, description="Seed the set with the request's prompt ids.")
+    add_draft_tokens: bool = Field(True, description="Add every draft token of a step (accepted or not).")
+    target_topk: int = Field(3, ge=0, le=64, description="Target top-k added at every verified position.")
+    prompt_topk: bool = Field(
+        False,
+        description="Also add the target's top-k at prompt positions (costs a full-vocab projection over the "
+        "prompt; off by default).",
+    )
+    always_active_special_ids: bool = Field(True, description="EOS and the tokenizer's special ids always active.")
+    always_active_ids: tuple[int, ...] = Field((), description="Extra token ids that are always active.")
+    full_policy: FullPolicy = Field(
+        "stop",
+        description="When a request's set is full: 'stop' keeps the set and drops new ids (counted in a "
+        "metric); 'fifo' evicts the oldest non-pinned ids.",
+    )
+    hot_set_path: str | None = Field(
+        None, description="Optional static hot set: a file of token ids (JSON list or one id per line)."
+    )
+    hot_set_size: int | None = Field(None, ge=1, description="Use only the first N ids of the hot set file.")
+    kernel: KernelChoice = Field("auto", description="Sparse head implementation.")
+    dense_fallback_ratio: float = Field(
+        0.5,
+        gt=0.0,
+        le=64.0,
+        description="Use the full head (masked to the active sets) when batch x capacity >= ratio x vocab: "
+        "past that point gathering rows costs more than the dense GEMM.",
+    )
+
+    @field_validator("always_active_ids")
+    @classmethod
+    def _non_negative(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        bad = [i for i in v if i < 0]
+        if bad:
+            raise ValueError(f"token ids must be >= 0 (got {bad[:5]})")
+        return v
+
+    @field_validator("hot_set_path")
+    @classmethod
+    def _hot_set_exists(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        p = Path(os.path.expanduser(v))
+        if not p.is_file():
+            raise ValueError(f"file not found: {p}")
+        return str(p)
+
+    @model_validator(mode="after")
+    def _pinned_fits(self) -> NanoSpecConfig:
+        n_pinned = len(set(self.always_active_ids))
+        if self.hot_set_path is not None:
+            n_pinned += len(load_hot_set(self.hot_set_path, self.hot_set_size))
+        if n_pinned >= self.capacity:
+            raise ValueError(
+                f"always-active ids + hot set ({n_pinned} ids) must be fewer than capacity ({self.capacity})"
+            )
+        return self
+
+    def hot_set(self) -> list[int]:
+        """The static hot set's ids (empty when none is configured)."""
+        if self.hot_set_path is None:
+            return []
+        return load_hot_set(self.hot_set_path, self.hot_set_size)
+
+
+def load_hot_set(path: str, size: int | None = None) -> list[int]:
+    """Read a token-id file: a JSON list of ints, or one int per line (``#`` comments allowed)."""
+    text = Path(path).read_text()
+    ids: list[int]
+    stripped = text.lstrip()
+    try:
+        if stripped.startswith("["):
+            ids = [int(x) for x in json.loads(stripped)]
+        else:
+            ids = [int(line.split("#", 1)[0]) for line in text.splitlines() if line.split("#", 1)[0].strip()]
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not a list of integer token ids ({e})") from None
+    if any(i < 0 for i in ids):
+        raise ValueError(f"{path}: token ids must be >= 0")
+    ids = list(dict.fromkeys(ids))
+    return ids[:size] if size is not None else ids
+
+
+def _format_error(e: ValidationError, prefix: str) -> str:
+    allowed = ", ".join(NanoSpecConfig.model_fields)
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(block)"
+        key = f"{prefix}.{loc}" if prefix else loc
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key (allowed: {allowed})"
+        elif "input" in err and err["type"] not in ("missing",):
+            msg = f"{msg} (got {err['input']!r})"
+        if err["type"] == "literal_error":
+            msg = msg.replace("Input should be", "must be one of:")
+        lines.append(f"{key}: {msg}")
+    return "invalid NanoSpec config:\n  " + "\n  ".join(lines)
+
+
+def parse_config(data: Any, prefix: str = "nanospec") -> NanoSpecConfig:
+    """Validate a ``nanospec:`` block (a dict, a config object, ``None`` or ``True`` for the defaults).
+
+    Raises :class:`NanoSpecConfigError` naming every bad key.
+    """
+    if isinstance(data, NanoSpecConfig):
+        return data
+    if data is None or data is True:
+        data = {}
+    if not isinstance(data, dict):
+        raise NanoSpecConfigError(f"{prefix}: must be a mapping of settings (got {type(data).__name__})")
+    try:
+        return NanoSpecConfig.model_validate(data)
+    except ValidationError as e:
+        raise NanoSpecConfigError(_format_error(e, prefix)) from None
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML or JSON file into a dict (the whole speculative config, ``nanospec:`` block included)."""
+    p = Path(path)
+    if not p.is_file():
+        raise NanoSpecConfigError(f"config file not found: {p}")
+    text = p.read_text()
+    try:
+        if p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: both carry the position
+        raise NanoSpecConfigError(f"{p}: cannot parse ({e})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise NanoSpecConfigError(f"{p}: top level must be a mapping (got {type(data).__name__})")
+    return data

@@ -1,0 +1,2 @@
+"""(being written) Triton kernel wrapper."""
+def is_available(device): return False
