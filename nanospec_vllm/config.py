@@ -174,3 +174,34 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise NanoSpecConfigError(f"{p}: top level must be a mapping (got {type(data).__name__})")
     return data
+
+
+_VAR = __import__("re").compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_value(v: str) -> str:
+    """Expand ``${VAR}`` / ``${VAR:-default}`` and a leading ``~`` in a path-like string."""
+    out = _VAR.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), v)
+    return os.path.expanduser(out)
+
+
+PATH_KEYS = ("model", "tokenizer", "hot_set_path")
+
+
+def split_speculative_config(data: dict[str, Any], source: str = "speculative config") -> tuple[dict[str, Any], NanoSpecConfig | None]:
+    """Split a speculative config into (vLLM's keys, the validated ``nanospec`` block or None).
+
+    Path-valued keys (``model``, ``tokenizer``, ``nanospec.hot_set_path``) get ``${VAR:-default}`` and ``~``
+    expanded, so shipped YAML files can point into ``$NANOSPEC_CACHE``.
+    """
+    if not isinstance(data, dict):
+        raise NanoSpecConfigError(f"{source}: must be a mapping (got {type(data).__name__})")
+    rest = {k: (expand_value(v) if k in PATH_KEYS and isinstance(v, str) else v) for k, v in data.items() if k != "nanospec"}
+    if "nanospec" not in data:
+        return rest, None
+    block = data["nanospec"]
+    if isinstance(block, dict):
+        block = {k: (expand_value(v) if k in PATH_KEYS and isinstance(v, str) else v) for k, v in block.items()}
+    if block is False:
+        return rest, None
+    return rest, parse_config(block, prefix=f"{source}: nanospec")

