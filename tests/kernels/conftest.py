@@ -1,0 +1,39 @@
+"""Kernel tests run every implementation on CPU tensors: the Triton kernels under ``TRITON_INTERPRET=1``.
+
+The variable is set here, at collection, before anything in this folder imports triton, unless a CUDA device
+is present (then the compiled kernels are tested on it too). ``nanospec_vllm.ops.triton_kernels`` wraps its
+kernels with ``triton.jit`` on first use, keyed by the variable, so an earlier import elsewhere does not matter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _poisoned(factory):
+    def wrapper(*args, **kwargs):
+        t = factory(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(0x5EED)  # a plausible-looking id nobody wrote
+        return t
+
+    return wrapper
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """``torch.empty`` returns NaN / garbage-id tensors and the native kernel pre-fills its outputs the same way,
+    so an output a kernel forgets to write fails the comparison instead of passing by luck."""
+    monkeypatch.setattr(torch, "empty", _poisoned(torch.empty))
+    from nanospec_vllm.ops import native
+
+    monkeypatch.setattr(native, "poison_outputs", True)
+    yield
