@@ -1,0 +1,126 @@
+"""Patches on ``vllm.engine.arg_utils.EngineArgs`` (front end only).
+
+* ``EngineArgs.add_cli_args``: ``--speculative-config`` also accepts a path to a ``.yaml``/``.yml``/``.json``
+  file (vLLM parses it with ``json.loads`` only). Why: users keep the NanoSpec block in a file. Removal: when
+  vLLM accepts config files for this flag.
+* ``EngineArgs.create_speculative_config``: the single place every entry point (``vllm serve``,
+  ``serve --config``, ``LLM(speculative_config=...)``) builds ``SpeculativeConfig``. The ``nanospec`` block is
+  popped before vLLM's pydantic model (which forbids extra keys) sees it, validated by
+  :func:`nanospec_vllm.config.split_speculative_config` (errors name the key, at start-up, in the front end),
+  and stored as JSON in ``additional_config["nanospec"]``, which vLLM pickles to the engine core and workers.
+  On CUDA the V2 model runner is switched off for such engines (``VLLM_USE_V2_MODEL_RUNNER=0``, logged once).
+  Removal: when vLLM has an extension point for out-of-tree speculative options.
+Cost: a dict copy at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from .base import Patch
+
+logger = logging.getLogger("vllm.nanospec")
+
+
+def json_or_file(value: str) -> Any:
+    """argparse type for ``--speculative-config``: a JSON string, or a path to a YAML/JSON file."""
+    from ...config import NanoSpecConfigError, load_config_file
+
+    if value is None:
+        return None
+    text = value.strip()
+    if text.startswith("{"):
+        return json.loads(text)  # argparse turns the ValueError into a usage error
+    if text.lower().endswith((".yaml", ".yml", ".json")) or os.path.isfile(os.path.expanduser(text)):
+        try:
+            return load_config_file(os.path.expanduser(text))
+        except NanoSpecConfigError as e:
+            raise ValueError(str(e)) from None
+    return json.loads(text)
+
+
+def _make_add_cli_args(orig: Any) -> Any:
+    fn = orig.__func__ if isinstance(orig, staticmethod) else orig
+
+    def add_cli_args(parser: Any) -> Any:
+        parser = fn(parser)
+        for opt in ("--speculative-config", "-sc"):
+            act = parser._option_string_actions.get(opt)
+            if act is not None:
+                act.type = json_or_file
+                act.help = (act.help or "") + " NanoSpec: may also be a path to a YAML or JSON file."
+        return parser
+
+    return staticmethod(add_cli_args)
+
+
+_v2_logged = False
+
+
+def _make_create_speculative_config(orig: Any) -> Any:
+    def create_speculative_config(self: Any, target_model_config: Any, target_parallel_config: Any) -> Any:
+        from ...config import NanoSpecConfigError, load_config_file, split_speculative_config
+        from ..drafter import SUPPORTED_METHODS
+
+        sc = self.speculative_config
+        if isinstance(sc, (str, os.PathLike)):
+            sc = json_or_file(str(sc)) if str(sc).strip().startswith("{") else load_config_file(os.path.expanduser(str(sc)))
+        ns = None
+        if isinstance(sc, dict):
+            sc, ns = split_speculative_config(sc)
+            self.speculative_config = sc
+        if ns is not None:
+            ac = self.additional_config
+            if ac is None:
+                ac = self.additional_config = {}
+            if not isinstance(ac, dict):
+                raise NanoSpecConfigError("NanoSpec needs additional_config to be a dict (or unset)")
+            ac["nanospec"] = ns.model_dump(mode="json")
+            tp = getattr(target_parallel_config, "tensor_parallel_size", 1)
+            if tp != 1:
+                raise NanoSpecConfigError(
+                    f"nanospec: tensor_parallel_size={tp} is not supported yet (vocab-sharded heads are planned)")
+            global _v2_logged
+            if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
+                os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+                if not _v2_logged:
+                    _v2_logged = True
+                    logger.info("NanoSpec: using vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0); "
+                                "the V2 runner is not supported yet")
+        elif isinstance(self.additional_config, dict) and "nanospec" in self.additional_config:
+            # given directly as --additional-config '{"nanospec": {...}}': validate it the same way
+            _, ns = split_speculative_config({"nanospec": self.additional_config["nanospec"]},
+                                             source="additional_config")
+            if ns is not None:
+                self.additional_config["nanospec"] = ns.model_dump(mode="json")
+        result = orig(self, target_model_config, target_parallel_config)
+        if ns is not None:
+            method = getattr(result, "method", None)
+            if method not in SUPPORTED_METHODS:
+                raise NanoSpecConfigError(
+                    f"nanospec: speculative method {method!r} is not supported (allowed: {', '.join(SUPPORTED_METHODS)})")
+        return result
+
+    return create_speculative_config
+
+
+PATCHES = [
+    Patch(
+        target="vllm.engine.arg_utils:EngineArgs.add_cli_args",
+        why="--speculative-config accepts a YAML/JSON file path as well as a JSON string",
+        removal="when vLLM parses config files for --speculative-config",
+        make=_make_add_cli_args,
+        expect_params=("parser",),
+    ),
+    Patch(
+        target="vllm.engine.arg_utils:EngineArgs.create_speculative_config",
+        why="pop and validate the `nanospec` block before SpeculativeConfig (extra='forbid') sees it; "
+        "carry it to the workers in additional_config",
+        removal="when vLLM has an extension point for out-of-tree speculative options",
+        make=_make_create_speculative_config,
+        expect_params=("self", "target_model_config", "target_parallel_config"),
+    ),
+]

@@ -1,0 +1,129 @@
+"""Patches on ``vllm.v1.worker.gpu_model_runner.GPUModelRunner`` (the V1 runner; ``CPUModelRunner`` inherits
+these methods). Each wrapper calls the original unchanged when the engine has no ``nanospec`` block (one
+attribute lookup), so engines without NanoSpec are untouched.
+
+* ``_update_states``: slot lifecycle (free finished/preempted before vLLM's update; seed new/resumed after).
+* ``_sample``: keep the target's top-k ids of the verification logits (before vLLM samples from them).
+* ``propose_draft_token_ids``: add the step's emitted tokens + verified top-k to each set, count coverage, map
+  batch rows to slots for the drafter; after drafting, add the draft tokens.
+* ``execute_model`` / ``sample_tokens``: attach the step's statistics to the ``ModelRunnerOutput``.
+
+Removal: when vLLM offers drafter/runner extension points for per-request draft vocabularies.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from .base import Patch
+
+TARGET = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+
+
+def _rt(runner: Any) -> Any:
+    return getattr(runner, "_nanospec_runtime", None)
+
+
+def _make_update_states(orig: Any) -> Any:
+    def _update_states(self: Any, scheduler_output: Any) -> Any:
+        from ..drafter import NanoSpecRuntime
+
+        rt = NanoSpecRuntime.maybe_create(self)
+        if rt is None:
+            return orig(self, scheduler_output)
+        return rt.update_states(self, scheduler_output, orig)
+
+    return _update_states
+
+
+def _make_sample(orig: Any) -> Any:
+    def _sample(self: Any, logits: Any, spec_decode_metadata: Any) -> Any:
+        rt = _rt(self)
+        if rt is not None and logits is not None:
+            rt.take_target_topk(logits)
+        return orig(self, logits, spec_decode_metadata)
+
+    return _sample
+
+
+def _make_propose(orig: Any) -> Any:
+    def propose_draft_token_ids(self: Any, scheduler_output: Any, sampled_token_ids: Any, sampling_metadata: Any,
+                                hidden_states: Any, sample_hidden_states: Any, aux_hidden_states: Any,
+                                spec_decode_metadata: Any, common_attn_metadata: Any, slot_mappings: Any) -> Any:
+        rt = _rt(self)
+        if rt is None:
+            return orig(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                        sample_hidden_states, aux_hidden_states, spec_decode_metadata, common_attn_metadata,
+                        slot_mappings)
+        rt.before_propose(self, sampled_token_ids, spec_decode_metadata)
+        rt.stats.sized_this_step = False
+        try:
+            out = orig(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                       sample_hidden_states, aux_hidden_states, spec_decode_metadata, common_attn_metadata,
+                       slot_mappings)
+            rt.after_propose(out)
+        finally:
+            rt.ctx = None
+        return out
+
+    return propose_draft_token_ids
+
+
+def _attach(rt: Any, out: Any) -> Any:
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+
+    if out is EMPTY_MODEL_RUNNER_OUTPUT:
+        out = copy.copy(out)  # never mutate vLLM's shared empty output
+        out.nanospec_stats = rt.stats.drain(rt.pool)
+        return out
+    mro = out if isinstance(out, ModelRunnerOutput) else getattr(out, "_model_runner_output", None)
+    if isinstance(mro, ModelRunnerOutput):
+        mro.nanospec_stats = rt.stats.drain(rt.pool)
+    return out
+
+
+def _make_execute_model(orig: Any) -> Any:
+    def execute_model(self: Any, scheduler_output: Any, intermediate_tensors: Any = None) -> Any:
+        out = orig(self, scheduler_output, intermediate_tensors)
+        rt = _rt(self)
+        if rt is not None and out is not None:
+            from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
+
+            if out is EMPTY_MODEL_RUNNER_OUTPUT:  # nothing scheduled (e.g. only finished requests to clear)
+                return _attach(rt, out)
+        return out
+
+    return execute_model
+
+
+def _make_sample_tokens(orig: Any) -> Any:
+    def sample_tokens(self: Any, grammar_output: Any) -> Any:
+        out = orig(self, grammar_output)
+        rt = _rt(self)
+        if rt is not None and out is not None:
+            out = _attach(rt, out)
+        return out
+
+    return sample_tokens
+
+
+PATCHES = [
+    Patch(f"{TARGET}._update_states", why="slot lifecycle follows admission, preemption, completion",
+          removal="runner request-lifecycle hooks", make=_make_update_states,
+          expect_params=("self", "scheduler_output")),
+    Patch(f"{TARGET}._sample", why="target top-k at verified positions from logits that already exist",
+          removal="a post-verification hook with logits", make=_make_sample,
+          expect_params=("self", "logits", "spec_decode_metadata")),
+    Patch(f"{TARGET}.propose_draft_token_ids", why="update sets after verification; row->slot map for drafting",
+          removal="a drafter context hook", make=_make_propose,
+          expect_params=("self", "scheduler_output", "sampled_token_ids", "sampling_metadata", "hidden_states",
+                         "sample_hidden_states", "aux_hidden_states", "spec_decode_metadata",
+                         "common_attn_metadata", "slot_mappings")),
+    Patch(f"{TARGET}.execute_model", why="carry statistics on steps that schedule nothing (slot release)",
+          removal="a stats extension field on ModelRunnerOutput", make=_make_execute_model,
+          expect_params=("self", "scheduler_output", "intermediate_tensors")),
+    Patch(f"{TARGET}.sample_tokens", why="carry per-step statistics to the scheduler",
+          removal="a stats extension field on ModelRunnerOutput", make=_make_sample_tokens,
+          expect_params=("self", "grammar_output")),
+]
