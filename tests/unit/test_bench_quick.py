@@ -1,0 +1,53 @@
+"""``nanospec bench kernels --quick`` runs on CPU, writes sane JSON rows, and needs nothing but torch."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from nanospec_vllm.bench import kernels as bench
+from nanospec_vllm.ops import native
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_cpu_writes_rows(tmp_path, capsys) -> None:
+    out = tmp_path / "k.json"
+    assert bench.main(["--device", "cpu", "--quick", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    h = data["header"]
+    assert h["command"] == f"nanospec bench kernels --device cpu --quick --json {out}"
+    assert h["versions"]["torch"] and h["machine"]["cpu_count"] >= 1 and h["settings"]["flush"] is True
+    rows = data["rows"]
+    impls = {"dense", "dense-masked", "torch"} | ({"native"} if native.is_available() else set())
+    assert {r["impl"] for r in rows} == impls
+    q = bench.QUICK
+    shapes = {(r["hidden"], r["vocab"], r["batch"], r["active"]) for r in rows}
+    H, V = bench.HEADS[q["heads"][0]]
+    assert shapes == {(H, V, b, a) for b in q["batches"] for a in q["actives"]}
+    assert len(rows) == len(impls) * len(shapes)
+    for r in rows:
+        assert r["device"] == "cpu" and r["mode"] == "eager" and r["error"] is None
+        assert math.isfinite(r["median_us"]) and 0 < r["median_us"] < 10e6 and r["reps"] >= 3
+        assert r["speedup_vs_dense"] > 0
+        if r["impl"] == "dense":
+            assert r["speedup_vs_dense"] == 1.0
+    # the dense head does not depend on the active set: one measurement per batch, reused
+    for b in q["batches"]:
+        assert len({r["median_us"] for r in rows if r["impl"] == "dense" and r["batch"] == b}) == 1
+    assert {(c["head"], c["active"]) for c in data["summary"]["crossover"]} == {(q["heads"][0], a)
+                                                                               for a in q["actives"]}
+    printed = capsys.readouterr().out
+    assert "median us (speedup vs dense)" in printed and "largest batch" in printed
+
+
+def test_bench_imports_only_torch() -> None:
+    """The H200 run has only torch + triton: the bench must not pull in vLLM, pydantic, yaml or the config."""
+    code = ("import sys, nanospec_vllm.bench.kernels as k; "
+            "bad = [m for m in ('vllm', 'pydantic', 'yaml', 'nanospec_vllm.config', 'nanospec_vllm.state') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
