@@ -277,10 +277,26 @@ std::vector<at::Tensor> sparse_head(const at::Tensor& hidden_in, const at::Tenso
     return (r >= 0 && r < Vw) ? r : -1;
   };
 
+  // Software prefetch: the rows are scattered, so the hardware prefetcher only helps inside a row. Keep about
+  // 16 KB of upcoming rows in flight (9 rows of 896 bf16, 2 rows of 4096 bf16); measured 2-3x on short rows.
+  const int64_t row_bytes = H * weight.element_size();
+  const int64_t pf_dist = std::min<int64_t>(16, std::max<int64_t>(2, 16384 / std::max<int64_t>(row_bytes, 1)));
+
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(H, 1));  // ~32k MACs per task at least
   at::parallel_for(0, total, grain, [&](int64_t lo, int64_t hi) {
     int64_t b = std::upper_bound(prefix.begin(), prefix.end(), lo) - prefix.begin() - 1;
+    int64_t pb = b;  // the prefetch cursor's batch row
+    auto prefetch = [&](int64_t q) {
+      if (q >= hi) return;
+      while (q >= prefix[pb + 1]) ++pb;
+      const int64_t r = row_of(pb, q - prefix[pb]);
+      if (r < 0) return;
+      const char* base = w_ptr + r * w_row_bytes;
+      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(base + off, 0, 3);
+    };
+    for (int64_t q = lo; q < std::min(hi, lo + pf_dist); ++q) prefetch(q);
     for (int64_t p = lo; p < hi; ++p) {
+      prefetch(p + pf_dist);
       while (p >= prefix[b + 1]) ++b;
       const int64_t c = p - prefix[b];
       const int64_t r = row_of(b, c);
