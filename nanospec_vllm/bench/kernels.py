@@ -285,7 +285,7 @@ def _print_table(rows: list[Row], head: str, mode: str) -> None:
                 if r is None:
                     cells.append(f"{'-':>20}")
                 elif r.error:
-                    cells.append(f"{'error':>20}")
+                    cells.append(f"{'skipped' if r.error.startswith('skipped') else 'error':>20}")
                 else:
                     sp = f" ({r.speedup_vs_dense:.1f}x)" if r.speedup_vs_dense and i != "dense" else ""
                     cells.append(f"{r.median_us:>11.1f}{sp:>9}")
@@ -304,6 +304,8 @@ def run(s: Settings, argv: list[str], json_path: str | None) -> list[Row]:
     gen = torch.Generator(device=dev if dev.type == "cuda" else "cpu").manual_seed(0)
 
     def save() -> None:
+        if hasattr(os, "getloadavg"):  # other processes on the machine skew CPU timings: keep the evidence
+            header["machine"]["loadavg_at_save"] = list(os.getloadavg())
         if json_path:
             os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
             with open(json_path, "w") as f:
@@ -334,6 +336,11 @@ def run(s: Settings, argv: list[str], json_path: str | None) -> list[Row]:
                     for mode in modes:
                         t0 = time.perf_counter()
                         call = (lambda fn=fn: fn(hidden, weight, ids, counts))
+                        too_big = _too_big(name, batch, active, H, dev)
+                        if too_big:
+                            rows.append(Row(name, dev.type, head, H, V, batch, active, float("nan"), 0, mode,
+                                            error=too_big))
+                            continue
                         try:
                             us, reps = (timer.time_graph(call) if mode == "graph" else timer.time(call))
                             row = Row(name, dev.type, head, H, V, batch, active, round(us, 2), reps, mode)
@@ -360,13 +367,31 @@ def run(s: Settings, argv: list[str], json_path: str | None) -> list[Row]:
         for mode in modes:
             _print_table(rows, head, mode)
     summ = _summary(rows)
-    print("\nlargest batch where the best sparse impl still beats dense:")
+    print(f"\nwhere the best sparse impl stops beating dense ({_main_mode(rows)}):")
     for c in summ["crossover"]:
-        print(f"  {c['head']:>14} active={c['active']:>5}: sparse wins up to batch {c['largest_batch_sparse_wins']}"
-              f", dense wins from {c['smallest_batch_dense_wins']} (B*C/V there: "
-              f"{c['batch_x_active_over_vocab_at_loss']})")
+        if c["smallest_batch_dense_wins"] is None:
+            verdict = f"sparse wins at every measured batch (up to {c['largest_batch_sparse_wins']})"
+        else:
+            verdict = (f"sparse wins up to batch {c['largest_batch_sparse_wins']}, dense from batch "
+                       f"{c['smallest_batch_dense_wins']} (B*C/V = {c['batch_x_active_over_vocab_at_loss']})")
+        print(f"  {c['head']:>14} active={c['active']:>5}: {verdict}")
     save()
     return rows
+
+
+def _too_big(impl: str, batch: int, active: int, hidden: int, dev: torch.device) -> str | None:
+    """The PyTorch reference materialises the gathered rows in bf16 and fp32 (6 bytes per weight element):
+    skip it where that would not fit comfortably (batch 256 x 3,072 ids x 4096 needs 19 GB)."""
+    if impl != "torch":
+        return None
+    need = batch * active * hidden * 6
+    if dev.type == "cuda":
+        have = torch.cuda.mem_get_info(dev)[0]
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 2**40
+    if need > 0.4 * have:
+        return f"skipped: the reference needs ~{need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB free"
+    return None
 
 
 def _randn_bf16_chunked(rows: int, cols: int, gen: torch.Generator, chunk: int = 16_384) -> torch.Tensor:
@@ -387,7 +412,7 @@ def parse(argv: list[str]) -> tuple[Settings, str | None]:
     p.add_argument("--heads", nargs="+", choices=sorted(HEADS), help="override the head shapes")
     p.add_argument("--batches", nargs="+", type=int, help="override the batch sizes")
     p.add_argument("--actives", nargs="+", type=int, help="override the active-set sizes")
-    p.add_argument("--budget-s", type=float, help="time budget per measurement (default: 0.3 CPU, 0.05 CUDA)")
+    p.add_argument("--budget-s", type=float, help="time budget per measurement (default: 0.5 CPU, 0.05 CUDA)")
     a = p.parse_args(argv)
     cuda = a.device == "cuda"
     if a.quick:
@@ -398,8 +423,8 @@ def parse(argv: list[str]) -> tuple[Settings, str | None]:
         device=a.device,
         warmup=3 if cuda else 1,
         min_reps=10 if cuda else 3,
-        max_reps=200 if cuda else (10 if a.quick else 25),
-        budget_s=a.budget_s if a.budget_s is not None else (0.05 if cuda else (0.1 if a.quick else 0.3)),
+        max_reps=200 if cuda else (10 if a.quick else 40),
+        budget_s=a.budget_s if a.budget_s is not None else (0.05 if cuda else (0.1 if a.quick else 0.5)),
         flush=not a.warm,
         heads=a.heads or heads,
         batches=a.batches or batches,

@@ -41,7 +41,7 @@ def test_quick_cpu_writes_rows(tmp_path, capsys) -> None:
     assert {(c["head"], c["active"]) for c in data["summary"]["crossover"]} == {(q["heads"][0], a)
                                                                                for a in q["actives"]}
     printed = capsys.readouterr().out
-    assert "median us (speedup vs dense)" in printed and "largest batch" in printed
+    assert "median us (speedup vs dense)" in printed and "stops beating dense" in printed
 
 
 def test_bench_imports_only_torch() -> None:
