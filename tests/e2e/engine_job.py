@@ -1,0 +1,61 @@
+"""Run one vLLM engine job in a fresh process: ``python engine_job.py < job.json`` (writes ``job["out"]``).
+
+Each engine gets its own process (clean memory, vLLM's spawn rules). The job says which model, which
+speculative config, which prompts and per-request switches; the result holds the token ids and vLLM's
+speculative-decoding counters (from ``LLM.get_metrics()``) and, when NanoSpec ran, the worker's pool state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main() -> None:
+    job = json.load(sys.stdin)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    for k, v in (job.get("env") or {}).items():
+        os.environ[k] = str(v)
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(model=job["model"], enforce_eager=True, dtype="bfloat16", max_model_len=job.get("max_model_len", 2048),
+                  max_num_seqs=job.get("max_num_seqs", 64), disable_log_stats=False, seed=0)
+    if job.get("spec"):
+        kwargs["speculative_config"] = job["spec"]
+    llm = LLM(**kwargs)
+    tok = llm.get_tokenizer()
+    prompts = []
+    for p in job["prompts"]:
+        text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        prompts.append({"prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+    switches = job.get("switches") or [None] * len(prompts)
+    params = []
+    for s in switches:
+        extra = None if s is None else {"nanospec": s}
+        params.append(SamplingParams(max_tokens=job.get("max_tokens", 64), temperature=job.get("temperature", 0.0),
+                                     seed=job.get("seed"), ignore_eos=job.get("ignore_eos", False), extra_args=extra))
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    metrics = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode") and hasattr(m, "value"):
+            metrics[m.name] = metrics.get(m.name, 0) + m.value
+    # vLLM's worker forgets a finished request at the engine step after it finished (its own `requests` dict
+    # too); the offline LLM stops stepping as soon as outputs are done, so take that one step here.
+    llm.llm_engine.step()
+    pool = llm.llm_engine.collective_rpc(_pool_state) if job.get("spec", {}).get("nanospec") is not None else None
+    with open(job["out"], "w") as f:
+        json.dump({"tokens": [list(o.outputs[0].token_ids) for o in outs], "metrics": metrics, "pool": pool}, f)
+
+
+def _pool_state(worker):
+    rt = getattr(worker.model_runner, "_nanospec_runtime", None)
+    if rt is None:
+        return None
+    return {"in_use": rt.pool.num_in_use, "impl": rt.impl, "head_rows": None if rt.head is None else
+            int(rt.head.weight.shape[0]), "row_index": rt.head is not None and rt.head.row_index is not None}
+
+
+if __name__ == "__main__":
+    main()
