@@ -403,7 +403,43 @@ def _randn_bf16_chunked(rows: int, cols: int, gen: torch.Generator, chunk: int =
     return out
 
 
-def parse(argv: list[str]) -> tuple[Settings, str | None]:
+def markdown(data: dict) -> str:
+    """Markdown tables (median us and speedup vs dense, per head and mode) from a ``--json`` file's content."""
+    rows = [Row(**r) for r in data["rows"]]
+    out = []
+    for head in [h for h in HEADS if any(r.head == h for r in rows)]:
+        for mode in ("graph", "eager"):
+            sel = [r for r in rows if r.head == head and r.mode == mode]
+            if not sel:
+                continue
+            impls = []
+            for r in sel:
+                if r.impl not in impls:
+                    impls.append(r.impl)
+            H, V = HEADS[head]
+            out.append(f"\n**{head}** head (H={H}, V={V:,}), {sel[0].device}, {mode}: median us (speedup vs dense)\n")
+            out.append("| batch | active | " + " | ".join(impls) + " |")
+            out.append("|---:|---:|" + "---:|" * len(impls))
+            for b in sorted({r.batch for r in sel}):
+                for a in sorted({r.active for r in sel}):
+                    cells = []
+                    for i in impls:
+                        r = next((x for x in sel if x.impl == i and x.batch == b and x.active == a), None)
+                        if r is None:
+                            cells.append("")
+                        elif r.error:
+                            cells.append("skipped" if r.error.startswith("skipped") else "error")
+                        elif i == "dense" or r.speedup_vs_dense is None:
+                            cells.append(f"{r.median_us:,.0f}" if r.median_us >= 100 else f"{r.median_us:.1f}")
+                        else:
+                            us = f"{r.median_us:,.0f}" if r.median_us >= 100 else f"{r.median_us:.1f}"
+                            cells.append(f"{us} ({r.speedup_vs_dense:.1f}x)")
+                    if any(cells):
+                        out.append(f"| {b} | {a} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def parse(argv: list[str]) -> tuple[Settings, str | None, str | None]:
     p = argparse.ArgumentParser(prog="nanospec bench kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="a small subset (Qwen head, batch 1/16, active 256/3072)")
@@ -412,6 +448,7 @@ def parse(argv: list[str]) -> tuple[Settings, str | None]:
     p.add_argument("--heads", nargs="+", choices=sorted(HEADS), help="override the head shapes")
     p.add_argument("--batches", nargs="+", type=int, help="override the batch sizes")
     p.add_argument("--actives", nargs="+", type=int, help="override the active-set sizes")
+    p.add_argument("--markdown", metavar="JSON", help="print the tables of an earlier --json run as markdown")
     p.add_argument("--budget-s", type=float, help="time budget per measurement (default: 0.5 CPU, 0.05 CUDA)")
     a = p.parse_args(argv)
     cuda = a.device == "cuda"
@@ -430,12 +467,16 @@ def parse(argv: list[str]) -> tuple[Settings, str | None]:
         batches=a.batches or batches,
         actives=sorted(a.actives or actives),
     )
-    return s, a.json
+    return s, a.json, a.markdown
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    s, json_path = parse(argv)
+    s, json_path, markdown_from = parse(argv)
+    if markdown_from:
+        with open(markdown_from) as f:
+            print(markdown(json.load(f)))
+        return 0
     if s.device == "cuda" and not torch.cuda.is_available():
         print("nanospec bench kernels: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2

@@ -42,6 +42,9 @@ def test_quick_cpu_writes_rows(tmp_path, capsys) -> None:
                                                                                for a in q["actives"]}
     printed = capsys.readouterr().out
     assert "median us (speedup vs dense)" in printed and "stops beating dense" in printed
+    assert bench.main(["--markdown", str(out)]) == 0
+    md = capsys.readouterr().out
+    assert "| batch | active | dense |" in md and md.count("\n| 1 | ") == len(q["actives"])
 
 
 def test_bench_imports_only_torch() -> None:
