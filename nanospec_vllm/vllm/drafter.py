@@ -238,7 +238,26 @@ class NanoSpecRuntime:
         if k > 0 and self.pool.num_in_use and logits.dim() == 2 and logits.shape[0]:
             self.topk = logits.topk(min(k, logits.shape[1]), dim=-1).indices
 
-    def before_propose(self, runner: Any, sampled: torch.Tensor | list[list[int]], spec_meta: Any) -> None:
+    def add_prompt_topk(self, runner: Any, rows: list[int], slots: torch.Tensor, hidden: Any, attn_meta: Any) -> None:
+        """``prompt_topk``: the target's top-k at every prompt position scheduled this step (a full-vocab
+        projection of those positions' hidden states, in chunks of 256 rows)."""
+        qsl = getattr(attn_meta, "query_start_loc_cpu", None)
+        if qsl is None or not isinstance(hidden, torch.Tensor):
+            return
+        k = max(1, self.cfg.target_topk)
+        computed = runner.input_batch.num_computed_tokens_cpu
+        n_prompt = runner.input_batch.num_prompt_tokens
+        for i in rows:
+            start, end = int(qsl[i]), int(qsl[i + 1])
+            # positions of this step's chunk that are prompt positions (the last one is the sampled position)
+            n = min(end - start, int(n_prompt[i]) - int(computed[i])) - 1
+            for c in range(0, max(0, n), 256):
+                h = hidden[start + c: start + min(n, c + 256)]
+                top = runner.model.compute_logits(h).topk(k, dim=-1).indices
+                self.pool.extend(slots[i: i + 1], top.reshape(1, -1))
+
+    def before_propose(self, runner: Any, sampled: torch.Tensor | list[list[int]], spec_meta: Any,
+                       hidden: Any = None, attn_meta: Any = None) -> None:
         num_reqs = runner.input_batch.num_reqs
         req_ids = runner.input_batch.req_ids[:num_reqs]
         slot_list = [self.pool.slot_of(r) for r in req_ids]
@@ -249,6 +268,8 @@ class NanoSpecRuntime:
         topk, self.topk = self.topk, None
         if not on_rows:
             return
+        if self.cfg.prompt_topk:
+            self.add_prompt_topk(runner, on_rows, slots, hidden, attn_meta)
         discard = runner.discard_request_mask.np[:num_reqs]
         rows = [i for i in on_rows if not discard[i]]
         if not rows:

@@ -1,0 +1,167 @@
+"""``nanospec demo`` (``make demo``): the main job, end to end on this machine.
+
+Starts ``nanospec serve`` with the Qwen2.5-Coder-1.5B target and ``configs/nanospec.yaml`` (0.5B ``draft_model``
+drafter, NanoSpec on by default), sends the same real prompts with NanoSpec on and switched off per request
+(``vllm_xargs: {"nanospec": 0}``: the full draft head), one at a time, greedy, and prints side by side: tokens/s
+(median over prompts), acceptance (from vLLM's own ``/metrics``), mean active-set size and coverage (NanoSpec's
+``/metrics``), and whether the two outputs are identical. Then it stops the server.
+
+Timings on a shared 2-core machine are noisy; the modes alternate prompt by prompt so drift hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PROMPTS = [
+    "Write a Python function that returns the n-th Fibonacci number using memoization.",
+    "Explain the difference between a list and a tuple in Python, with examples.",
+    "Write a function `is_prime(n)` in Python and a few unit tests for it.",
+    "Summarize in three sentences why version control is useful for a software team.",
+    "Write a SQL query that returns the five customers with the highest total order value.",
+    "Implement binary search in Python and explain its time complexity.",
+]
+
+
+def _metrics(base: str) -> dict[str, float]:
+    import urllib.request
+
+    text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name_labels, val = line.rsplit(" ", 1)
+        name = name_labels.split("{", 1)[0]
+        if "per_pos" in name:
+            continue
+        try:
+            out[name] = out.get(name, 0.0) + float(val)
+        except ValueError:
+            pass
+    return out
+
+
+def _post(base: str, body: dict) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(req, timeout=600).read())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str]) -> int:
+    from .assets import model_path
+
+    ap = argparse.ArgumentParser(prog="nanospec demo", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="qwen2.5-coder-1.5b", help="prepared model name or a model folder")
+    ap.add_argument("--config", default=str(ROOT / "configs" / "nanospec.yaml"), help="speculative config file")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--prompts", help="Spec-Bench style question.jsonl (first turn of each line) instead of the "
+                                      "built-in prompts")
+    ap.add_argument("--num-prompts", type=int, default=6)
+    ap.add_argument("--log", default=None, help="server log file (default: a temp file)")
+    a = ap.parse_args(argv)
+
+    target = Path(a.target) if Path(a.target).is_dir() else model_path(a.target)
+    if target is None:
+        print(f"nanospec demo: {a.target} is not prepared; run `nanospec prepare-models {a.target} "
+              "qwen2.5-coder-0.5b` (make demo does)", file=sys.stderr)
+        return 1
+    prompts = DEFAULT_PROMPTS
+    if a.prompts:
+        prompts = [json.loads(line)["turns"][0] for line in Path(a.prompts).read_text().splitlines() if line.strip()]
+    prompts = prompts[: a.num_prompts]
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = Path(a.log) if a.log else Path(os.environ.get("TMPDIR", "/tmp")) / f"nanospec-demo-{port}.log"
+    env = dict(os.environ, VLLM_HOST_IP="127.0.0.1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
+               DO_NOT_TRACK="1", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"))
+    cmd = [sys.executable, "-m", "nanospec_vllm.cli", "serve", str(target), "--speculative-config", a.config,
+           "--port", str(port), "--host", "127.0.0.1", "--enforce-eager", "--max-model-len", "2048",
+           "--max-num-seqs", "4"]
+    print(f"$ {' '.join(cmd[2:])}\n  (server log: {log})", flush=True)
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    try:
+        import urllib.request
+
+        while True:
+            if proc.poll() is not None:
+                print(f"server exited (rc={proc.returncode}); last lines of {log}:\n"
+                      + "\n".join(log.read_text().splitlines()[-30:]), file=sys.stderr)
+                return 1
+            try:
+                if urllib.request.urlopen(base + "/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(1)
+            if time.time() - t0 > 600:
+                print("server not ready after 600 s", file=sys.stderr)
+                return 1
+        print(f"server ready in {time.time() - t0:.0f} s; {len(prompts)} prompts x {a.max_tokens} tokens, greedy, "
+              "one at a time, NanoSpec on / off alternating\n", flush=True)
+        model = str(target)
+        _post(base, {"model": model, "prompt": "Hello", "max_tokens": 8, "temperature": 0})  # warm-up
+        modes = {"on": {"tps": [], "texts": [], "d": {}}, "off": {"tps": [], "texts": [], "d": {}}}
+        keys = ("vllm:spec_decode_num_accepted_tokens_total", "vllm:spec_decode_num_draft_tokens_total",
+                "vllm:spec_decode_num_drafts_total", "nanospec_active_vocab_size_sum",
+                "nanospec_active_vocab_size_count", "nanospec_target_tokens_total",
+                "nanospec_target_tokens_covered_total")
+        for i, p in enumerate(prompts):
+            order = ("on", "off") if i % 2 == 0 else ("off", "on")
+            for mode in order:
+                before = _metrics(base)
+                body = {"model": model, "prompt": p, "max_tokens": a.max_tokens, "temperature": 0}
+                if mode == "off":
+                    body["vllm_xargs"] = {"nanospec": 0}
+                t = time.perf_counter()
+                r = _post(base, body)
+                dt = time.perf_counter() - t
+                time.sleep(0.3)
+                after = _metrics(base)
+                m = modes[mode]
+                m["tps"].append(r["usage"]["completion_tokens"] / dt)
+                m["texts"].append(r["choices"][0]["text"])
+                for k in keys:
+                    m["d"][k] = m["d"].get(k, 0.0) + after.get(k, 0.0) - before.get(k, 0.0)
+        rows = []
+        for mode in ("on", "off"):
+            d = modes[mode]["d"]
+            acc = d[keys[0]] / d[keys[1]] if d[keys[1]] else float("nan")
+            tau = 1 + d[keys[0]] / d[keys[2]] if d[keys[2]] else float("nan")
+            size = d[keys[3]] / d[keys[4]] if d[keys[4]] else None
+            cov = d[keys[6]] / d[keys[5]] if d[keys[5]] else None
+            rows.append((mode, statistics.median(modes[mode]["tps"]), acc, tau, size, cov))
+        same = sum(x == y for x, y in zip(modes["on"]["texts"], modes["off"]["texts"]))
+        print(f"{'NanoSpec':<9} {'tok/s (median)':>15} {'draft accept':>13} {'tau':>6} {'active set':>11} "
+              f"{'coverage':>9}")
+        for mode, tps, acc, tau, size, cov in rows:
+            print(f"{mode:<9} {tps:>15.1f} {acc:>13.1%} {tau:>6.2f} "
+                  f"{(f'{size:.0f}' if size is not None else '-'):>11} {(f'{cov:.1%}' if cov is not None else '-'):>9}")
+        speed = rows[0][1] / rows[1][1] if rows[1][1] else float("nan")
+        print(f"\nspeed on/off: {speed:.2f}x; outputs identical on vs off: {same}/{len(prompts)}")
+        print(f"first answer (NanoSpec on):\n{modes['on']['texts'][0][:400]}")
+        return 0 if same == len(prompts) else 1
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
