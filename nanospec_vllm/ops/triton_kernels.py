@@ -54,14 +54,27 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+def _interpreter_usable() -> bool:
+    """The interpreter also needs triton.language's own ``@jit`` helpers (``tl.sum``, ``tl.max``) to have been
+    created in interpreter mode, i.e. triton imported after ``TRITON_INTERPRET=1`` was set."""
+    try:
+        import triton.language.standard as standard
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return isinstance(standard.sum, InterpretedFunction)
+    except Exception:  # pragma: no cover - depends on the triton version
+        return False
+
+
 def is_available(device: torch.device | str) -> bool:
-    """True on CUDA when triton imports; on CPU only under ``TRITON_INTERPRET=1`` (tests)."""
+    """True on CUDA when triton imports; on CPU only under ``TRITON_INTERPRET=1`` (tests), set before triton was
+    first imported."""
     if triton is None:
         return False
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.cuda.is_available()
-    return dev.type == "cpu" and _interpret()
+    return dev.type == "cpu" and _interpret() and _interpreter_usable()
 
 
 if triton is not None:
@@ -156,8 +169,9 @@ if triton is not None:
 
 @functools.lru_cache(maxsize=None)
 def _jitted(interpret: bool):
-    """The kernels, jitted on first use: ``triton.jit`` reads ``TRITON_INTERPRET`` when it wraps a function, so
-    wrapping lazily (keyed by the flag) lets tests set the variable after this module was imported."""
+    """The kernels, jitted on first use and keyed by the flag: ``triton.jit`` reads ``TRITON_INTERPRET`` when it
+    wraps a function, so importing this module early does not fix the mode (triton's own import still does, see
+    :func:`_interpreter_usable`), and the sm_90 compile test can wrap the same functions for the real compiler."""
     del interpret  # the cache key
     return triton.jit(_scores_kernel), triton.jit(_reduce_kernel)
 

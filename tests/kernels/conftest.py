@@ -1,8 +1,11 @@
 """Kernel tests run every implementation on CPU tensors: the Triton kernels under ``TRITON_INTERPRET=1``.
 
 The variable is set here, at collection, before anything in this folder imports triton, unless a CUDA device
-is present (then the compiled kernels are tested on it too). ``nanospec_vllm.ops.triton_kernels`` wraps its
-kernels with ``triton.jit`` on first use, keyed by the variable, so an earlier import elsewhere does not matter.
+is present (then the compiled kernels are tested on it too). It must precede the first ``import triton`` of the
+session (triton creates its own ``tl.sum`` / ``tl.max`` helpers in one mode at import); if a module collected
+earlier already imported triton (e.g. through vllm), the Triton tests fail with that explanation instead of
+running compiled kernels on CPU tensors. vLLM on CPU disables triton either way, so the variable leaking into the
+rest of the session (and into engine subprocesses) changes nothing there.
 """
 
 from __future__ import annotations

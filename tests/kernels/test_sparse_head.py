@@ -7,6 +7,7 @@ past the head, exact ties, EAGLE-3 ``d2t`` heads, top-k and log-probabilities. T
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -36,6 +37,9 @@ def _require(impl: str, device: str) -> None:
         if not native.is_available():
             pytest.skip(f"native extension not built: {native.build_error()}")
     if impl == "triton" and not triton_kernels.is_available(device):
+        if device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            pytest.fail("triton was imported before tests/kernels/conftest.py set TRITON_INTERPRET=1 (a module "
+                        "collected earlier imports vllm or triton); run with TRITON_INTERPRET=1 in the environment")
         pytest.skip("triton unavailable (needs CUDA, or TRITON_INTERPRET=1 on CPU)")
 
 
