@@ -38,8 +38,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .. import __version__
-from .. import ops
+from .. import __version__, ops
 from ..ops import native, triton_kernels
 from ..ops.reference import sparse_head_reference
 
@@ -212,7 +211,7 @@ def _header(argv: list[str], s: Settings) -> dict:
         import triton
 
         triton_version = triton.__version__
-    except Exception:
+    except ImportError:
         triton_version = None
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -335,7 +334,8 @@ def run(s: Settings, argv: list[str], json_path: str | None) -> list[Row]:
                         continue
                     for mode in modes:
                         t0 = time.perf_counter()
-                        call = (lambda fn=fn: fn(hidden, weight, ids, counts))
+                        def call(fn=fn, h=hidden, w=weight, i=ids, c=counts):
+                            return fn(h, w, i, c)
                         too_big = _too_big(name, batch, active, H, dev)
                         if too_big:
                             rows.append(Row(name, dev.type, head, H, V, batch, active, float("nan"), 0, mode,
@@ -344,7 +344,7 @@ def run(s: Settings, argv: list[str], json_path: str | None) -> list[Row]:
                         try:
                             us, reps = (timer.time_graph(call) if mode == "graph" else timer.time(call))
                             row = Row(name, dev.type, head, H, V, batch, active, round(us, 2), reps, mode)
-                        except Exception as e:  # keep going: one broken impl must not lose the run
+                        except Exception as e:  # noqa: BLE001 - one broken impl must not lose the run
                             row = Row(name, dev.type, head, H, V, batch, active, float("nan"), 0, mode,
                                       error=f"{type(e).__name__}: {e}"[:300])
                             print(f"  {name} {mode} B={batch} C={active}: {row.error}", flush=True)

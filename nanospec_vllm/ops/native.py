@@ -16,7 +16,7 @@ import torch
 
 from .reference import select
 
-__all__ = ["is_available", "build_error", "sparse_head_native", "isa"]
+__all__ = ["build_error", "is_available", "isa", "sparse_head_native"]
 
 _ext = None
 _error: str | None = None
@@ -31,7 +31,7 @@ def _load():
             from .. import _C  # type: ignore[attr-defined]
 
             _ext = _C
-        except Exception as e:  # not built, or built against another torch
+        except Exception as e:  # noqa: BLE001 - not built, or built against another torch: reported, not raised
             _error = f"{type(e).__name__}: {e}"
     return _ext
 

@@ -26,8 +26,6 @@ Tested on CPU tensors under ``TRITON_INTERPRET=1`` (``tests/kernels``), where :f
 True; on CUDA it is the ``auto`` choice.
 """
 
-# ruff: noqa: N803, N806  -- Triton kernels keep the uppercase block-size names of the Triton idiom.
-
 from __future__ import annotations
 
 import functools
@@ -37,14 +35,14 @@ import torch
 
 from .reference import select
 
-__all__ = ["is_available", "sparse_head_triton", "default_config"]
+__all__ = ["default_config", "is_available", "sparse_head_triton"]
 
 try:  # triton is optional (CPU-only installs may lack it)
     import triton
     import triton.language as tl
 
     _IMPORT_ERROR: str | None = None
-except Exception as e:  # pragma: no cover - depends on the environment
+except Exception as e:  # noqa: BLE001  # pragma: no cover - any import failure means "no triton"
     triton = None  # type: ignore[assignment]
     tl = None  # type: ignore[assignment]
     _IMPORT_ERROR = f"{type(e).__name__}: {e}"
@@ -58,11 +56,11 @@ def _interpreter_usable() -> bool:
     """The interpreter also needs triton.language's own ``@jit`` helpers (``tl.sum``, ``tl.max``) to have been
     created in interpreter mode, i.e. triton imported after ``TRITON_INTERPRET=1`` was set."""
     try:
-        import triton.language.standard as standard
+        from triton.language import standard
         from triton.runtime.interpreter import InterpretedFunction
 
         return isinstance(standard.sum, InterpretedFunction)
-    except Exception:  # pragma: no cover - depends on the triton version
+    except Exception:  # noqa: BLE001  # pragma: no cover - depends on the triton version
         return False
 
 
@@ -167,7 +165,7 @@ if triton is not None:
         tl.store(best_ptr + b, tl.where(found, m, float("-inf")))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(interpret: bool):
     """The kernels, jitted on first use and keyed by the flag: ``triton.jit`` reads ``TRITON_INTERPRET`` when it
     wraps a function, so importing this module early does not fix the mode (triton's own import still does, see
@@ -176,7 +174,7 @@ def _jitted(interpret: bool):
     return triton.jit(_scores_kernel), triton.jit(_reduce_kernel)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

@@ -192,8 +192,8 @@ def test_cases_hit_what_they_claim() -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
-    "blocks", [dict(block_c=16, block_h=32, num_splits=5), dict(block_c=8, block_h=16, num_splits=64),
-               dict(block_c=32, block_h=128, num_splits=1)], ids=lambda d: "-".join(f"{v}" for v in d.values()))
+    "blocks", [{"block_c": 16, "block_h": 32, "num_splits": 5}, {"block_c": 8, "block_h": 16, "num_splits": 64},
+               {"block_c": 32, "block_h": 128, "num_splits": 1}], ids=lambda d: "-".join(f"{v}" for v in d.values()))
 @pytest.mark.parametrize("case", [
     Case("ragged-h97", 151_936, 97, [300, 5, 0, 299, 17, 33], 300, topk=4, logprobs=True, seed=3),
     next(c for c in CASES if c.name == "ties"),
