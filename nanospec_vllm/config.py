@@ -58,12 +58,13 @@ class NanoSpecConfig(BaseModel):
     )
     hot_set_size: int | None = Field(None, ge=1, description="Use only the first N ids of the hot set file.")
     kernel: KernelChoice = Field("auto", description="Sparse head implementation.")
-    dense_fallback_ratio: float = Field(
-        0.5,
+    dense_fallback_ratio: float | None = Field(
+        None,
         gt=0.0,
         le=64.0,
-        description="Use the full head (masked to the active sets) when batch x capacity >= ratio x vocab: "
-        "past that point gathering rows costs more than the dense GEMM.",
+        description="Use the full head (masked to the active sets) when batch x capacity >= ratio x vocab. "
+        "None (default): never. Measured: no crossover on CPU up to batch 256; on an H200 full 3,072-id sets "
+        "lose to the dense head from batch x capacity ~ 1-1.5 x vocab.",
     )
 
     @field_validator("always_active_ids")
