@@ -85,6 +85,12 @@ class BatchContext:
     batch_size: int
 
 
+def _as_padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """``list[list[int]]`` (vLLM's unpadded sampled/draft ids) -> ``[B, W]`` int64 padded with -1."""
+    width = max((len(x) for x in rows), default=0) or 1
+    return torch.tensor([x + [-1] * (width - len(x)) for x in rows], dtype=torch.int64, device=device)
+
+
 def get_runtime(obj: Any) -> NanoSpecRuntime | None:
     return getattr(obj, "_nanospec_runtime", None)
 
@@ -275,8 +281,7 @@ class NanoSpecRuntime:
         if not rows:
             return
         if isinstance(sampled, list):
-            width = max(len(x) for x in sampled) if sampled else 1
-            sampled = torch.tensor([x + [-1] * (width - len(x)) for x in sampled], device=self.device)
+            sampled = _as_padded(sampled, self.device)
         idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
         s = sampled[idx].long()  # [R, W], -1 after the first rejection
         rslots = slots[idx]
@@ -310,8 +315,7 @@ class NanoSpecRuntime:
         if isinstance(draft_ids, list):
             if not draft_ids:
                 return
-            width = max(len(x) for x in draft_ids) or 1
-            draft_ids = torch.tensor([x + [-1] * (width - len(x)) for x in draft_ids], device=self.device)
+            draft_ids = _as_padded(draft_ids, self.device)
         if not isinstance(draft_ids, torch.Tensor) or draft_ids.dim() != 2 or draft_ids.shape[1] == 0:
             return
         idx = torch.tensor(ctx.on_rows, dtype=torch.int64, device=self.device)

@@ -15,7 +15,8 @@ Metrics: ``nanospec_slots_in_use`` (gauge), ``nanospec_active_vocab_size`` (hist
 one observation per NanoSpec request per draft step), ``nanospec_target_tokens_total`` and
 ``nanospec_target_tokens_covered_total`` (tokens the target emitted at drafted positions, and how many were in
 the active set when drafted), ``nanospec_ids_dropped_total`` (ids refused by a full set), and
-``nanospec_fallbacks_total`` (draft calls that had to use the full head).
+``nanospec_fallbacks_total`` (draft calls that had to use the full head), and ``nanospec_kernel{impl}`` (1 for
+the sparse head implementation in use: a CPU worker showing ``torch`` runs without the native kernel).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class StepStats:
         self.sizes.append(counts.detach().clone())
         self.sized_this_step = True
 
-    def drain(self, pool: Any) -> dict[str, Any]:
+    def drain(self, pool: Any, impl: str = "") -> dict[str, Any]:
         """One host sync: turn the device counters into plain ints and start a new step."""
         t = self._torch
         sizes = t.cat([s.reshape(-1).long() for s in self.sizes]).tolist() if self.sizes else []
@@ -72,6 +73,7 @@ class StepStats:
             "dropped_live": dropped,
             "no_slot": self.no_slot,
             "fallback": self.fallback,
+            "impl": impl,
         }
         self.no_slot = 0
         self.fallback = 0
@@ -109,6 +111,8 @@ class FrontendMetrics:
         self.dropped = Gauge("nanospec_ids_dropped_live", "Ids refused by full sets, summed over live requests",
                              multiprocess_mode="mostrecent")
         self.fallbacks = Counter("nanospec_fallbacks", "Draft calls or requests that used the full head instead")
+        self.kernel = Gauge("nanospec_kernel", "Sparse head implementation in use (1 = this impl)", ["impl"],
+                            multiprocess_mode="mostrecent")
         # since the last log line
         self.win_sizes = 0
         self.win_n = 0
@@ -131,6 +135,8 @@ class FrontendMetrics:
         self.target.inc(p.get("target", 0))
         self.covered.inc(p.get("covered", 0))
         self.dropped.set(p.get("dropped_live", 0))
+        if p.get("impl"):
+            self.kernel.labels(impl=p["impl"]).set(1)
         fb = p.get("fallback", 0) + p.get("no_slot", 0)
         if fb:
             self.fallbacks.inc(fb)

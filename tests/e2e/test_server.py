@@ -135,6 +135,7 @@ def test_bad_switch_is_400_naming_the_field(server, bad):
 def test_metrics_present_and_moving(server):
     before = server.metrics()
     for name in ("nanospec_slots_in_use", "nanospec_target_tokens_total", "nanospec_target_tokens_covered_total",
+                 "nanospec_kernel",
                  "nanospec_active_vocab_size_count"):
         metric(before, name)  # present
     r = server.complete("def quicksort(xs):", max_tokens=64)
@@ -144,6 +145,7 @@ def test_metrics_present_and_moving(server):
     assert metric(after, "nanospec_target_tokens_total") > metric(before, "nanospec_target_tokens_total")
     assert metric(after, "nanospec_active_vocab_size_count") > metric(before, "nanospec_active_vocab_size_count")
     assert metric(after, "nanospec_target_tokens_covered_total") <= metric(after, "nanospec_target_tokens_total")
+    assert 'nanospec_kernel{impl="native"} 1.0' in after  # make install builds the native CPU kernel
     assert server.wait_slots(0) == 0
 
 

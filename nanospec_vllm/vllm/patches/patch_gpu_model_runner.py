@@ -75,11 +75,11 @@ def _attach(rt: Any, out: Any) -> Any:
 
     if out is EMPTY_MODEL_RUNNER_OUTPUT:
         out = copy.copy(out)  # never mutate vLLM's shared empty output
-        out.nanospec_stats = rt.stats.drain(rt.pool)
+        out.nanospec_stats = rt.stats.drain(rt.pool, rt.impl)
         return out
     mro = out if isinstance(out, ModelRunnerOutput) else getattr(out, "_model_runner_output", None)
     if isinstance(mro, ModelRunnerOutput):
-        mro.nanospec_stats = rt.stats.drain(rt.pool)
+        mro.nanospec_stats = rt.stats.drain(rt.pool, rt.impl)
     return out
 
 
