@@ -73,3 +73,16 @@ def test_expand_fix(dtype):
     expand_kernel_impl_fixed(out, inp, torch.tensor([2, 5, 6]), 0, 1)
     want = [7, 7, 1, 1, 1, 13] if dtype != torch.float32 else [0.7, 0.7, 1.0, 1.0, 1.0, 1.3]
     assert torch.allclose(out.double(), torch.tensor(want, dtype=torch.float64))
+
+
+def test_vllm_config_file_with_nested_speculative_config(tmp_path):
+    """`vllm serve --config serve.yaml`: vLLM turns the nested block into JSON; the patched type parses it."""
+    apply_all()
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    y = tmp_path / "serve.yaml"
+    y.write_text("max-model-len: 512\nspeculative-config:\n  method: draft_model\n  model: /m\n"
+                 "  num_speculative_tokens: 2\n  nanospec:\n    capacity: 64\n")
+    args = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser()).parse_args(["--config", str(y)])
+    assert args.speculative_config["nanospec"] == {"capacity": 64} and args.max_model_len == 512
