@@ -38,10 +38,12 @@ def draft_vocab_ids(seed: int = 0) -> torch.Tensor:
     return torch.sort(torch.cat([torch.arange(16_000), rest])).values
 
 
-def make_eagle3_head(dest: Path, seed: int = 0) -> Path:
+def make_eagle3_head(dest: Path, seed: int = 0, reduced: bool = True) -> Path:
+    """``reduced``: a 32k draft vocabulary with ``d2t`` offsets; else a full-vocabulary head (no ``d2t``)."""
     dest.mkdir(parents=True, exist_ok=True)
     cfg = _base_config("LlamaForCausalLMEagle3")
-    cfg.update(draft_vocab_size=DRAFT_VOCAB, target_hidden_size=H,
+    dv = DRAFT_VOCAB if reduced else V
+    cfg.update(draft_vocab_size=dv, target_hidden_size=H,
                eagle_config={"eagle_aux_hidden_state_layer_ids": [2, 12, 21]})
     g = torch.Generator().manual_seed(seed)
     ids = draft_vocab_ids(seed)
@@ -58,9 +60,10 @@ def make_eagle3_head(dest: Path, seed: int = 0) -> Path:
         "midlayer.post_attention_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
         "norm.weight": torch.ones(H, dtype=torch.bfloat16),
         "fc.weight": _w(g, H, 3 * H),
-        "lm_head.weight": _w(g, DRAFT_VOCAB, H),
-        "d2t": (ids - torch.arange(DRAFT_VOCAB)).to(torch.int64),
+        "lm_head.weight": _w(g, dv, H),
     }
+    if reduced:
+        t["d2t"] = (ids - torch.arange(DRAFT_VOCAB)).to(torch.int64)
     save_file(t, str(dest / "model.safetensors"))
     (dest / "config.json").write_text(json.dumps(cfg, indent=1))
     return dest

@@ -69,18 +69,22 @@ def test_draft_model_speculation_really_ran(draft_model_run):
     assert pool["head_rows"] == 151_936 and pool["row_index"] is False
 
 
-@pytest.mark.parametrize("method", ["eagle", "eagle3"])
-def test_eagle_heads_identical(method, qwen05b, prompts, baseline, workdir):
-    head = (make_eagle3_head if method == "eagle3" else make_eagle_head)(workdir / f"{method}-head")
+@pytest.mark.parametrize("variant", ["eagle", "eagle3", "eagle3-full-vocab"])
+def test_eagle_heads_identical(variant, qwen05b, prompts, baseline, workdir):
+    method = variant.split("-")[0]
+    if method == "eagle":
+        head = make_eagle_head(workdir / variant)
+    else:
+        head = make_eagle3_head(workdir / variant, reduced=variant == "eagle3")
     spec = {"method": method, "model": str(head), "num_speculative_tokens": K, "nanospec": {"capacity": 1024}}
     switches = [0 if i % 3 == 2 else None for i in range(len(prompts))]  # a third of the batch off
     res = run_engine({"model": str(qwen05b), "prompts": prompts, "switches": switches, "max_tokens": MAX_TOKENS,
                       "spec": spec}, workdir)
-    _assert_identical(res["tokens"], baseline["tokens"], f"{method} + NanoSpec")
+    _assert_identical(res["tokens"], baseline["tokens"], f"{variant} + NanoSpec")
     assert res["metrics"]["vllm:spec_decode_num_drafts"] > 0
     (pool,) = res["pool"]
     assert pool["in_use"] == 0
-    if method == "eagle3":
+    if variant == "eagle3":
         assert pool["head_rows"] == 32_000 and pool["row_index"] is True  # reduced d2t vocabulary used
-    else:
-        assert pool["head_rows"] == 151_936  # EAGLE-1 shares the target's lm_head (read, never modified)
+    else:  # EAGLE-1 shares the target's lm_head (read, never modified); full-vocab EAGLE-3 has its own
+        assert pool["head_rows"] == 151_936 and pool["row_index"] is False
