@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 
-
 USAGE = """usage: nanospec COMMAND [ARGS...]
 
 commands:

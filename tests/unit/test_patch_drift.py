@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from nanospec_vllm.vllm.patches import all_patches, apply_all  # noqa: E402
-from nanospec_vllm.vllm.patches.base import Patch  # noqa: E402
+from nanospec_vllm.vllm.patches import all_patches, apply_all
+from nanospec_vllm.vllm.patches.base import Patch
 
 PATCHES = all_patches()
 

@@ -10,10 +10,10 @@ import torch
 
 pytest.importorskip("vllm")
 
-from nanospec_vllm.vllm.drafter import parse_switch, request_enabled  # noqa: E402
-from nanospec_vllm.vllm.patches import apply_all  # noqa: E402
-from nanospec_vllm.vllm.patches.patch_arg_utils import json_or_file  # noqa: E402
-from nanospec_vllm.vllm.patches.patch_cpu_triton_utils import expand_kernel_impl_fixed  # noqa: E402
+from nanospec_vllm.vllm.drafter import parse_switch, request_enabled
+from nanospec_vllm.vllm.patches import apply_all
+from nanospec_vllm.vllm.patches.patch_arg_utils import json_or_file
+from nanospec_vllm.vllm.patches.patch_cpu_triton_utils import expand_kernel_impl_fixed
 
 
 def test_speculative_config_accepts_json_yaml_and_json_file(tmp_path):

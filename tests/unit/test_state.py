@@ -85,7 +85,7 @@ def test_fifo_evicts_oldest_and_keeps_pinned():
 
 def test_duplicates_padding_and_out_of_range_are_ignored():
     pool = ActiveVocabPool(1, V, 100)
-    s = pool.seed("a", [7, 7, -1, V, V + 100, 3, 7, V - 1])
+    pool.seed("a", [7, 7, -1, V, V + 100, 3, 7, V - 1])
     assert pool.active_list("a") == [3, 7, V - 1]
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from .base import Patch, PatchError
 
-__all__ = ["all_patches", "apply_all", "Patch", "PatchError"]
+__all__ = ["Patch", "PatchError", "all_patches", "apply_all"]
 
 
 def all_patches() -> list[Patch]:

@@ -81,9 +81,9 @@ class Patch:
             raise PatchError(f"{self.target}: an original is already saved; refusing to patch twice")
         new = self.make(current)
         try:
-            setattr(new, "_nanospec_patch", self.name)
+            new._nanospec_patch = self.name
         except AttributeError:  # staticmethod/classmethod objects before 3.10 semantics
-            setattr(new.__func__, "_nanospec_patch", self.name)
+            new.__func__._nanospec_patch = self.name
         setattr(owner, orig_key, current)
         setattr(owner, attr, new)
         return True

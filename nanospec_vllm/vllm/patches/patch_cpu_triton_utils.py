@@ -17,7 +17,7 @@ from .base import Patch
 
 
 def expand_kernel_impl_fixed(output: Any, input_val: Any, cu_num_tokens: Any, replace_from: Any, replace_to: Any,
-                             MAX_NUM_TOKENS: Any = None) -> None:  # noqa: N803 (vLLM's parameter name)
+                             MAX_NUM_TOKENS: Any = None) -> None:
     import torch
 
     cu = cu_num_tokens.to(torch.int64)
