@@ -1,6 +1,7 @@
 """``nanospec demo`` (``make demo``): the main job, end to end on this machine.
 
-Starts ``nanospec serve`` with the Qwen2.5-Coder-1.5B target and ``configs/nanospec.yaml`` (0.5B ``draft_model``
+First a core check without vLLM (a real prompt, its active set, the sparse head's greedy token vs the dense
+head's, on the 0.5B drafter). Then it starts ``nanospec serve`` with the Qwen2.5-Coder-1.5B target and ``configs/nanospec.yaml`` (0.5B ``draft_model``
 drafter, NanoSpec on by default), sends the same real prompts with NanoSpec on and switched off per request
 (``vllm_xargs: {"nanospec": 0}``: the full draft head), one at a time, greedy, and prints side by side: tokens/s
 (median over prompts), acceptance (from vLLM's own ``/metrics``), mean active-set size and coverage (NanoSpec's
@@ -65,6 +66,54 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def core_check(model_dir: Path, prompt: str, steps: int = 24, capacity: int = 3072, k: int = 3) -> bool:
+    """The core alone, on a real model (no vLLM): greedy-decode ``steps`` tokens with transformers and, at every
+    position, draft with the sparse head over the active set (prompt ids + emitted tokens + the model's top-k at
+    verified positions, special ids pinned) next to the dense head. Wherever the dense head's token is in the set,
+    the sparse head must pick the same token; returns False otherwise."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .ops import sparse_head
+    from .state import ActiveVocabPool
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                   tokenize=False)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+    weight = model.get_output_embeddings().weight  # [V, H], read only
+    V = weight.shape[0]
+    pool = ActiveVocabPool(1, V, capacity, pinned_ids=[i for i in tok.all_special_ids if i < V])
+    slot = torch.tensor([pool.seed("demo", ids[0])])
+    in_set = equal = 0
+    impl = ""
+    sizes = []
+    with torch.no_grad():
+        for _ in range(steps):
+            out = model(ids, output_hidden_states=True)
+            h = out.hidden_states[-1][:, -1]  # [1, H], after the final norm
+            dense_tok = int(out.logits[0, -1].float().argmax())
+            act, cnt = pool.active(slot)
+            res = sparse_head(h, weight, act, cnt)
+            impl = res.impl
+            sizes.append(int(cnt[0]))
+            if bool(pool.contains(slot, torch.tensor([[dense_tok]]))[0, 0]):
+                in_set += 1
+                equal += int(res.token_ids[0]) == dense_tok
+            # verification: the emitted token and the top-k at this position join the set
+            new = torch.cat([torch.tensor([dense_tok]), out.logits[0, -1].topk(k).indices]).reshape(1, -1)
+            pool.extend(slot, new)
+            ids = torch.cat([ids, torch.tensor([[dense_tok]])], dim=1)
+    answer = tok.decode(ids[0, -steps:])
+    print(f"core check on {model_dir.name} (sparse head impl={impl}, no vLLM): {steps} greedy tokens\n"
+          f"  prompt: {prompt!r}\n  answer: {answer!r}\n"
+          f"  active set: {sizes[0]} -> {sizes[-1]} of {V} ids ({V / sizes[-1]:.0f}x smaller than the vocabulary)\n"
+          f"  dense head's token in the active set at {in_set}/{steps} positions (coverage); "
+          f"sparse head picked the same token at {equal}/{in_set} of those\n", flush=True)
+    return equal == in_set
+
+
 def main(argv: list[str]) -> int:
     from .assets import model_path
 
@@ -76,6 +125,7 @@ def main(argv: list[str]) -> int:
                                       "built-in prompts")
     ap.add_argument("--num-prompts", type=int, default=6)
     ap.add_argument("--log", default=None, help="server log file (default: a temp file)")
+    ap.add_argument("--no-core-check", action="store_true", help="skip the core check before serving")
     a = ap.parse_args(argv)
 
     target = Path(a.target) if Path(a.target).is_dir() else model_path(a.target)
@@ -87,6 +137,12 @@ def main(argv: list[str]) -> int:
     if a.prompts:
         prompts = [json.loads(line)["turns"][0] for line in Path(a.prompts).read_text().splitlines() if line.strip()]
     prompts = prompts[: a.num_prompts]
+    draft = model_path("qwen2.5-coder-0.5b")
+    if not a.no_core_check and draft is not None:
+        if not core_check(draft, prompts[0]):
+            print("core check failed: the dense head's token was in the active set but the sparse head chose "
+                  "another", file=sys.stderr)
+            return 1
 
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
