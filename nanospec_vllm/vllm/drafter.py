@@ -83,6 +83,9 @@ class BatchContext:
     on_rows: list[int]
     off_rows: list[int]
     batch_size: int
+    on_idx: torch.Tensor  # [len(on_rows)] int64, built once per step
+    off_idx: torch.Tensor  # [len(off_rows)] int64
+    active: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, counts) of on rows, read once per propose
 
 
 def _as_padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -270,7 +273,9 @@ class NanoSpecRuntime:
         on_rows = [i for i, s in enumerate(slot_list) if s is not None]
         off_rows = [i for i, s in enumerate(slot_list) if s is None]
         slots = torch.tensor([-1 if s is None else s for s in slot_list], dtype=torch.int64, device=self.device)
-        self.ctx = BatchContext(slots=slots, on_rows=on_rows, off_rows=off_rows, batch_size=num_reqs)
+        self.ctx = BatchContext(slots=slots, on_rows=on_rows, off_rows=off_rows, batch_size=num_reqs,
+                                on_idx=torch.tensor(on_rows, dtype=torch.int64, device=self.device),
+                                off_idx=torch.tensor(off_rows, dtype=torch.int64, device=self.device))
         topk, self.topk = self.topk, None
         if not on_rows:
             return
@@ -318,14 +323,17 @@ class NanoSpecRuntime:
             draft_ids = _as_padded(draft_ids, self.device)
         if not isinstance(draft_ids, torch.Tensor) or draft_ids.dim() != 2 or draft_ids.shape[1] == 0:
             return
-        idx = torch.tensor(ctx.on_rows, dtype=torch.int64, device=self.device)
         if draft_ids.shape[0] != ctx.batch_size:
             return
-        self.pool.extend(ctx.slots[idx], draft_ids[idx].long())
+        self.pool.extend(ctx.slots[ctx.on_idx], draft_ids[ctx.on_idx].long())
 
     # ------------------------------------------------------------------ drafting
-    def _sparse(self, head: HeadBinding, h: torch.Tensor, idx: torch.Tensor, logprobs: bool) -> SparseHeadOutput:
-        ids, counts = self.pool.active(self.ctx.slots[idx])  # type: ignore[union-attr]
+    def _sparse(self, head: HeadBinding, h: torch.Tensor, logprobs: bool) -> SparseHeadOutput:
+        ctx = self.ctx
+        assert ctx is not None
+        if ctx.active is None:  # the sets do not change between the draft positions of one propose
+            ctx.active = self.pool.active(ctx.slots[ctx.on_idx])
+        ids, counts = ctx.active
         if head.scale != 1.0:
             h = h * head.scale
         return sparse_head(h, head.weight, ids, counts, row_index=head.row_index, want_logprobs=logprobs,
@@ -340,12 +348,12 @@ class NanoSpecRuntime:
             return orig(proposer, hidden, sampling_metadata)
         head = self.bind_head(proposer)
         greedy = not proposer._enable_probabilistic_draft_probs or sampling_metadata.all_greedy
-        on = torch.tensor(ctx.on_rows, dtype=torch.int64, device=hidden.device)
+        on = ctx.on_idx
         first_step = not self.stats.sized_this_step
         if first_step:
             self.stats.record_sizes(self.pool.counts[ctx.slots[on]])
         if greedy:
-            out = self._sparse(head, hidden[on], on, logprobs=False)
+            out = self._sparse(head, hidden[on], logprobs=False)
             tok = out.token_ids
             if bool((tok < 0).any()):  # a row with no draftable id (e.g. none in an EAGLE-3 draft vocab)
                 full = proposer._greedy_sample(hidden[on])
@@ -354,13 +362,13 @@ class NanoSpecRuntime:
                 return tok, None
             res = torch.empty(ctx.batch_size, dtype=torch.int64, device=hidden.device)
             res[on] = tok
-            off = torch.tensor(ctx.off_rows, dtype=torch.int64, device=hidden.device)
+            off = ctx.off_idx
             res[off] = proposer._greedy_sample(hidden[off]).long()
             return res, None
         if head.soft_cap is not None:
             self.stats.fallback += 1  # soft-capped logits: the pruned softmax needs the raw scores
             return orig(proposer, hidden, sampling_metadata)
-        out = self._sparse(head, hidden[on], on, logprobs=True)
+        out = self._sparse(head, hidden[on], logprobs=True)
         logits = torch.full((ctx.batch_size, head.vocab_size), float("-inf"), dtype=torch.float32,
                             device=hidden.device)
         logits[on] = out.logprobs  # log-softmax over the active set; a per-row shift of the scores
@@ -368,6 +376,6 @@ class NanoSpecRuntime:
         if bool(empty.any()):  # no draftable id in the set: that row samples from the full head
             logits[on[empty]] = proposer.model.compute_logits(hidden[on[empty]]).float()
         if ctx.off_rows:
-            off = torch.tensor(ctx.off_rows, dtype=torch.int64, device=hidden.device)
+            off = ctx.off_idx
             logits[off] = proposer.model.compute_logits(hidden[off]).float()
         return proposer._sample_from_logits(logits, sampling_metadata)
