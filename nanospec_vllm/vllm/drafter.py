@@ -18,8 +18,9 @@ the runner patches in :mod:`.patches.patch_gpu_model_runner` and the proposer pa
    the active set laid out over the full vocabulary (0 elsewhere), which the rejection sampler needs to stay exact.
 5. ``sample_tokens`` returns: the step's statistics ride on the ``ModelRunnerOutput`` to the scheduler.
 
-No step adds a host synchronisation on CUDA except draining the statistics once per step, next to the one vLLM
-already makes for the sampled tokens. Cost per step: one ``[rows, V]`` top-k, one ``extend`` (a few small kernels),
+Host synchronisations added on CUDA: draining the statistics once per step (next to the one vLLM already makes
+for the sampled tokens) and, per draft position, one check for rows whose set holds no draftable id (possible
+only with an EAGLE-3 reduced draft vocabulary; removing it is on the CUDA-graph list). Cost per step: one ``[rows, V]`` top-k, one ``extend`` (a few small kernels),
 and the sparse head instead of the dense one.
 """
 
