@@ -117,7 +117,6 @@ class NanoSpecRuntime:
                 "run with tensor_parallel_size=1 or remove the `nanospec` block."
             )
         self.cfg = cfg
-        self.method = method
         self.device = torch.device(runner.device)
         self.vocab_size = int(runner.model_config.get_vocab_size())
         pinned = self._pinned_ids(runner) | set(cfg.always_active_ids) | set(cfg.hot_set())
@@ -130,7 +129,6 @@ class NanoSpecRuntime:
         self.head: HeadBinding | None = None
         self.ctx: BatchContext | None = None
         self.topk: torch.Tensor | None = None  # [logits rows, k] from the last verification
-        self.off: set[str] = set()
         logger.info(
             "NanoSpec active: method=%s capacity=%d slots=%d pinned=%d policy=%s kernel=%s pool=%.1f MiB",
             method, cfg.capacity, num_slots, len(pinned), cfg.full_policy, self.impl, self.pool.nbytes / 2**20,
@@ -203,31 +201,24 @@ class NanoSpecRuntime:
         return self.head
 
     # ------------------------------------------------------------------ lifecycle
-    def release(self, req_id: str) -> None:
-        self.pool.free(req_id)
-        self.off.discard(req_id)
-
     def admit(self, req_id: str, req_state: Any, token_ids: list[int]) -> None:
         sp = getattr(req_state, "sampling_params", None)
         if sp is None or not request_enabled(sp, self.cfg.enabled):
-            self.pool.free(req_id)
-            self.off.add(req_id)
+            self.pool.free(req_id)  # no slot: this request drafts with the full head
             return
-        self.off.discard(req_id)
         seed = list(token_ids) if self.cfg.seed_from_prompt else []
         seed += list(getattr(sp, "all_stop_token_ids", None) or getattr(sp, "stop_token_ids", None) or [])
         try:
             self.pool.seed(req_id, seed)
         except PoolFullError:
             logger.warning("NanoSpec: no free slot for %s; it drafts with the full head", req_id)
-            self.off.add(req_id)
             self.stats.no_slot += 1
 
     def update_states(self, runner: Any, so: Any, orig: Any) -> Any:
         for rid in so.finished_req_ids:
-            self.release(rid)
+            self.pool.free(rid)
         for rid in getattr(so, "preempted_req_ids", None) or ():
-            self.release(rid)  # re-seeded from prompt + output when resumed
+            self.pool.free(rid)  # re-seeded from prompt + output when resumed
         out = orig(runner, so)
         for nr in so.scheduled_new_reqs:
             rs = runner.requests.get(nr.req_id)
@@ -238,7 +229,6 @@ class NanoSpecRuntime:
             rs = runner.requests.get(rid)
             if rs is not None:
                 self.admit(rid, rs, list(rs.prompt_token_ids or []) + list(rs.output_token_ids or []))
-        self.stats.slots_in_use = self.pool.num_in_use
         return out
 
     # ------------------------------------------------------------------ verification
@@ -330,11 +320,8 @@ class NanoSpecRuntime:
 
     # ------------------------------------------------------------------ drafting
     def _sparse(self, head: HeadBinding, h: torch.Tensor, logprobs: bool) -> SparseHeadOutput:
-        ctx = self.ctx
-        assert ctx is not None
-        if ctx.active is None:  # the sets do not change between the draft positions of one propose
-            ctx.active = self.pool.active(ctx.slots[ctx.on_idx])
-        ids, counts = ctx.active
+        assert self.ctx is not None and self.ctx.active is not None
+        ids, counts = self.ctx.active
         if head.scale != 1.0:
             h = h * head.scale
         return sparse_head(h, head.weight, ids, counts, row_index=head.row_index, want_logprobs=logprobs,
@@ -350,9 +337,9 @@ class NanoSpecRuntime:
         head = self.bind_head(proposer)
         greedy = not proposer._enable_probabilistic_draft_probs or sampling_metadata.all_greedy
         on = ctx.on_idx
-        first_step = not self.stats.sized_this_step
-        if first_step:
-            self.stats.record_sizes(self.pool.counts[ctx.slots[on]])
+        if ctx.active is None:  # first draft position: the sets do not change until the next verification
+            ctx.active = self.pool.active(ctx.slots[on])
+            self.stats.record_sizes(ctx.active[1])
         if greedy:
             out = self._sparse(head, hidden[on], logprobs=False)
             tok = out.token_ids

@@ -40,7 +40,6 @@ class StepStats:
         self._torch = torch
         self.device = device
         self.reset()
-        self.slots_in_use = 0
         self.no_slot = 0
         self.fallback = 0
 
@@ -49,7 +48,6 @@ class StepStats:
         self.target = t.zeros((), dtype=t.int64, device=self.device)
         self.covered = t.zeros((), dtype=t.int64, device=self.device)
         self.sizes: list[Any] = []
-        self.sized_this_step = False
 
     def add_coverage(self, target: Any, covered: Any) -> None:
         self.target += target
@@ -57,7 +55,6 @@ class StepStats:
 
     def record_sizes(self, counts: Any) -> None:
         self.sizes.append(counts.detach().clone())
-        self.sized_this_step = True
 
     def drain(self, pool: Any, impl: str = "") -> dict[str, Any]:
         """One host sync: turn the device counters into plain ints and start a new step."""

@@ -25,7 +25,7 @@ def test_step_stats_drain_counts_and_resets():
     assert p == {"slots_in_use": 1, "sizes": [8, 4], "target": 7, "covered": 5, "dropped_live": 12, "no_slot": 0,
                  "fallback": 1, "impl": "native"}
     q = st.drain(pool, "native")
-    assert q["target"] == 0 and q["sizes"] == [] and q["fallback"] == 0 and not st.sized_this_step
+    assert q["target"] == 0 and q["sizes"] == [] and q["fallback"] == 0
 
 
 def test_merge_payloads_sums_counters_keeps_latest_gauges():

@@ -57,7 +57,6 @@ def _make_propose(orig: Any) -> Any:
                         sample_hidden_states, aux_hidden_states, spec_decode_metadata, common_attn_metadata,
                         slot_mappings)
         rt.before_propose(self, sampled_token_ids, spec_decode_metadata, hidden_states, common_attn_metadata)
-        rt.stats.sized_this_step = False
         try:
             out = orig(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
                        sample_hidden_states, aux_hidden_states, spec_decode_metadata, common_attn_metadata,
