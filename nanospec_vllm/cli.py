@@ -27,14 +27,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "prepare-models":
-        from . import assets
+        from .tools import assets
 
         return assets.main(rest)
     if cmd == "bench":
         if not rest or rest[0] != "kernels":
             print("usage: nanospec bench kernels [--device cpu|cuda] [--quick] [--json PATH]", file=sys.stderr)
             return 2
-        from .bench import kernels
+        from .tools.bench import kernels
 
         return kernels.main(rest[1:])
     if cmd == "serve":
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve.main(rest)
     if cmd == "demo":
-        from . import demo
+        from .tools import demo
 
         return demo.main(rest)
     print(f"nanospec: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)

@@ -20,7 +20,7 @@ SPEC_BENCH = Path(os.environ.get("NANOSPEC_SPEC_BENCH", ROOT.parent / "shared" /
 
 
 def _require(name: str) -> Path:
-    from nanospec_vllm.assets import model_path
+    from nanospec_vllm.tools.assets import model_path
 
     p = model_path(name)
     if p is None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from nanospec_vllm import assets
+from nanospec_vllm.tools import assets
 
 pytestmark = pytest.mark.e2e
 

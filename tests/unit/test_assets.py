@@ -1,4 +1,4 @@
-"""nanospec_vllm.assets without network or real models: fake chunk wheels, a fake registry entry, a fake
+"""nanospec_vllm.tools.assets without network or real models: fake chunk wheels, a fake registry entry, a fake
 download (copies from a local "index" folder) and a fake conversion (writes a config.json)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from nanospec_vllm import assets
-from nanospec_vllm.assets import AssetError, ChunkPackage, ModelSpec
+from nanospec_vllm.tools import assets
+from nanospec_vllm.tools.assets import AssetError, ChunkPackage, ModelSpec
 
 NAME = "fake-model"
 N_PARTS = 11  # > 9, so part10/part11 sort before part2 by name: order must come from the registry

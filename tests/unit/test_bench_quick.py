@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nanospec_vllm.bench import kernels as bench
+from nanospec_vllm.tools.bench import kernels as bench
 from nanospec_vllm.ops import native
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ def test_quick_cpu_writes_rows(tmp_path, capsys) -> None:
 
 def test_bench_imports_only_torch() -> None:
     """The H200 run has only torch + triton: the bench must not pull in vLLM, pydantic, yaml or the config."""
-    code = ("import sys, nanospec_vllm.bench.kernels as k; "
+    code = ("import sys, nanospec_vllm.tools.bench.kernels as k; "
             "bad = [m for m in ('vllm', 'pydantic', 'yaml', 'nanospec_vllm.config', 'nanospec_vllm.state') "
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,

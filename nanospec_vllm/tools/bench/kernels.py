@@ -1,6 +1,6 @@
 """Micro-benchmark: the sparse draft head against the dense lm_head it replaces.
 
-``nanospec bench kernels [--device cpu|cuda] [--quick] [--json PATH]`` or ``python -m nanospec_vllm.bench.kernels``.
+``nanospec bench kernels [--device cpu|cuda] [--quick] [--json PATH]`` or ``python -m nanospec_vllm.tools.bench.kernels``.
 
 For each head shape (Qwen2.5-0.5B: H=896, V=151,936; Llama-3.1-8B: H=4096, V=128,256; random bf16 weights),
 batch size and active-set size (random distinct ids per row, every row full) it times:
@@ -18,7 +18,7 @@ CUDA each repeat is timed with CUDA events around the call; ``graph`` rows repla
 graph (how vLLM runs the drafter), ``eager`` rows launch it from Python.
 
 Needs only torch (and triton for the Triton rows): it imports ``nanospec_vllm.ops`` and nothing that needs vLLM,
-pydantic or yaml, so ``PYTHONPATH=. python -m nanospec_vllm.bench.kernels --device cuda`` runs from a checkout.
+pydantic or yaml, so ``PYTHONPATH=. python -m nanospec_vllm.tools.bench.kernels --device cuda`` runs from a checkout.
 Results are printed as tables and, with ``--json``, written (after every shape, so a cut-short run keeps what
 it measured) as ``{"header": {...}, "rows": [...], "summary": {...}}``.
 """
@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .. import __version__, ops
-from ..ops import native, triton_kernels
+from ... import __version__, ops
+from ...ops import native, triton_kernels
 from ..ops.reference import sparse_head_reference
 
 HEADS = {"qwen2.5-0.5b": (896, 151_936), "llama-3.1-8b": (4096, 128_256)}
@@ -215,7 +215,7 @@ def _header(argv: list[str], s: Settings) -> dict:
         triton_version = None
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["nanospec bench kernels", *argv]),  # = python -m nanospec_vllm.bench.kernels ...
+        "command": " ".join(["nanospec bench kernels", *argv]),  # = python -m nanospec_vllm.tools.bench.kernels ...
         "process_argv": sys.argv,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
                      "nanospec_vllm": __version__},

@@ -479,9 +479,9 @@ def run_conversion(gguf: Path, out_dir: Path, spec: ModelSpec, progress: bool = 
     """
     _say(progress, f"[{spec.name}] convert: {gguf.name} -> bf16 safetensors (child process)")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
-    pkg_parent = str(Path(__file__).resolve().parents[1])
+    pkg_parent = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "nanospec_vllm.assets", "_convert", spec.name, str(gguf), str(out_dir)]
+    cmd = [sys.executable, "-m", "nanospec_vllm.tools.assets", "_convert", spec.name, str(gguf), str(out_dir)]
     if progress:
         r = subprocess.run(
             cmd, check=False, env=env, stdout=2, text=True

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PROMPTS = [
     "Write a Python function that returns the n-th Fibonacci number using memoization.",
     "Explain the difference between a list and a tuple in Python, with examples.",
@@ -74,8 +74,8 @@ def core_check(model_dir: Path, prompt: str, steps: int = 24, capacity: int = 30
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .ops import sparse_head
-    from .state import ActiveVocabPool
+    from ..ops import sparse_head
+    from ..state import ActiveVocabPool
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
