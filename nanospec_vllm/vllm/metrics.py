@@ -42,6 +42,8 @@ class StepStats:
         self.reset()
         self.no_slot = 0
         self.fallback = 0
+        #: cumulative host-side totals since the engine started (benchmarks read them in-process)
+        self.totals = {"target": 0, "covered": 0, "size_sum": 0, "size_n": 0, "fallback": 0, "no_slot": 0}
 
     def reset(self) -> None:
         t = self._torch
@@ -62,6 +64,13 @@ class StepStats:
         sizes = t.cat([s.reshape(-1).long() for s in self.sizes]).tolist() if self.sizes else []
         target, covered = (int(x) for x in t.stack([self.target, self.covered]).tolist())
         dropped = int(pool.dropped.sum()) if pool.num_in_use else 0
+        tot = self.totals
+        tot["target"] += target
+        tot["covered"] += covered
+        tot["size_sum"] += sum(sizes)
+        tot["size_n"] += len(sizes)
+        tot["fallback"] += self.fallback
+        tot["no_slot"] += self.no_slot
         out = {
             "slots_in_use": pool.num_in_use,
             "sizes": sizes,
