@@ -13,25 +13,25 @@
 gathering rows, so the dense logits are computed in the weight's dtype (as vLLM's head does) and masked to the
 active sets. The decision uses static shapes only (no host sync).
 
-Semantics (ties, padding, duplicates, ``row_index``) are defined in :mod:`.reference`.
+Every implementation returns the raw ``(scores [B, C], token_ids [B], best [B])``; :func:`sparse_head` applies the
+one shared epilogue (:func:`.reference.select`: top-k, log-probabilities) to whichever ran. Semantics (ties,
+padding, duplicates, ``row_index``) are defined in :mod:`.reference`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 
-from .reference import candidate_rows, select, sparse_head_reference
+from .reference import RawHead, candidate_rows, raw_reference, select
 
 __all__ = [
     "SparseHeadOutput",
     "available_impls",
     "dense_masked_scores",
     "resolve_impl",
-    "row_index_for_shard",
     "row_index_from_d2t",
     "sparse_head",
 ]
@@ -148,23 +148,31 @@ def sparse_head(
                          f"{tuple(counts.shape)}")
     if want_logprobs and vocab_size is None:
         vocab_size = row_index.shape[0] if row_index is not None else weight.shape[0]
+    name, raw = _run(hidden, weight, ids, counts, row_index, impl, dense_fallback_ratio)
+    scores, tok, best = raw
+    topk_ids = topk_scores = logprobs = None
+    if topk > 0 or want_logprobs:  # the one shared epilogue
+        _, _, topk_ids, topk_scores, logprobs = select(scores, ids, topk, want_logprobs, vocab_size)
+    return SparseHeadOutput(tok, best, topk_ids, topk_scores, logprobs, impl=name)
+
+
+def _run(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
+         row_index: torch.Tensor | None, impl: str, dense_fallback_ratio: float | None) -> tuple[str, RawHead]:
     if dense_fallback_ratio is not None and use_dense(ids.shape[0], ids.shape[1], weight.shape[0],
                                                       dense_fallback_ratio):
         s = dense_masked_scores(hidden, weight, ids, counts, row_index)
-        return SparseHeadOutput(*select(s, ids, topk, want_logprobs, vocab_size), impl="dense")
+        tok, best, *_ = select(s, ids)
+        return "dense", (s, tok, best)
     name = resolve_impl(impl, hidden.device)
     if name == "torch":
-        out = sparse_head_reference(hidden, weight, ids, counts, row_index, topk, want_logprobs, vocab_size)
-    elif name == "native":
+        return name, raw_reference(hidden, weight, ids, counts, row_index)
+    if name == "native":
         from . import native
 
-        out = native.sparse_head_native(hidden, weight, ids, counts, row_index, topk, want_logprobs, vocab_size)
-    else:
-        from . import triton_kernels
+        return name, native.sparse_head_native(hidden, weight, ids, counts, row_index)
+    from . import triton_kernels
 
-        out = triton_kernels.sparse_head_triton(hidden, weight, ids, counts, row_index, topk, want_logprobs,
-                                                vocab_size)
-    return SparseHeadOutput(*out, impl=name)
+    return name, triton_kernels.sparse_head_triton(hidden, weight, ids, counts, row_index)
 
 
 def row_index_from_d2t(d2t: torch.Tensor, target_vocab_size: int) -> torch.Tensor:
@@ -177,14 +185,3 @@ def row_index_from_d2t(d2t: torch.Tensor, target_vocab_size: int) -> torch.Tenso
     out = torch.full((target_vocab_size,), -1, dtype=torch.int32, device=d2t.device)
     out[tgt] = rows.to(torch.int32)
     return out
-
-
-def row_index_for_shard(start: int, end: int, vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Tensor-parallel vocab shards: ids in ``[start, end)`` map to local rows ``0..end-start-1``, others to -1."""
-    out = torch.full((vocab_size,), -1, dtype=torch.int32, device=device)
-    out[start:end] = torch.arange(end - start, dtype=torch.int32, device=device)
-    return out
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

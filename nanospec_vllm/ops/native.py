@@ -2,8 +2,8 @@
 
 One call does the gather, the fp32-accumulated dot products (bf16/fp16/fp32 weight rows read in place, converted
 in registers; AVX-512 / AVX2 / scalar chosen at run time) and the argmax (ties to the lowest id), with the valid
-(row, candidate) pairs of the whole batch split over all of torch's intra-op threads. Top-k and
-log-probabilities, when asked for, come from :func:`.reference.select` on the kernel's scores.
+(row, candidate) pairs of the whole batch split over all of torch's intra-op threads. It returns the raw
+``(scores, token_ids, best)``; the dispatcher applies the shared epilogue.
 
 Cost: reads ``sum(counts) * H * itemsize`` bytes of weight; allocates only the ``[B, C]`` fp32 scores and a fp32
 copy of ``hidden``. The extension is built by ``pip install -e . --no-build-isolation`` (``setup.py``); when it
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import select
+from .reference import RawHead
 
 __all__ = ["build_error", "is_available", "isa", "sparse_head_native"]
 
@@ -58,18 +58,12 @@ def sparse_head_native(
     ids: torch.Tensor,
     counts: torch.Tensor,
     row_index: torch.Tensor | None = None,
-    topk: int = 0,
-    want_logprobs: bool = False,
-    vocab_size: int | None = None,
-):
-    """Native sparse head; returns what :func:`.reference.select` returns."""
+) -> RawHead:
+    """Native sparse head: raw ``(scores, token_ids, best)``."""
     ext = _load()
     if ext is None:
         raise RuntimeError(f"nanospec native CPU kernel unavailable ({_error})")
     if weight.stride(1) != 1:
         raise ValueError("weight rows must be contiguous (weight.stride(1) == 1)")
     scores, tok, best = ext.sparse_head(hidden, weight, ids, counts, row_index, poison_outputs)
-    topk_ids = topk_scores = logprobs = None
-    if topk > 0 or want_logprobs:
-        _, _, topk_ids, topk_scores, logprobs = select(scores, ids, topk, want_logprobs, vocab_size)
-    return tok, best, topk_ids, topk_scores, logprobs
+    return scores, tok, best

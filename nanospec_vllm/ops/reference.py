@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["NEG_INF", "candidate_rows", "scores_reference", "select", "sparse_head_reference"]
+__all__ = ["NEG_INF", "RawHead", "candidate_rows", "raw_reference", "scores_reference", "select", "sparse_head_reference"]
 
 NEG_INF = float("-inf")
+#: What every implementation returns: ``(scores [B, C] fp32, token_ids [B] int64, best [B] fp32)``.
+RawHead = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def candidate_rows(
@@ -99,6 +101,19 @@ def select(
         # rows with no candidate: all -inf (log_softmax would give NaN)
         logprobs = torch.where(torch.isnan(logprobs), torch.full_like(logprobs, NEG_INF), logprobs)
     return tok, torch.where(tok >= 0, best, torch.full_like(best, NEG_INF)), topk_ids, topk_scores, logprobs
+
+
+def raw_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    counts: torch.Tensor,
+    row_index: torch.Tensor | None = None,
+) -> RawHead:
+    """The ``torch`` implementation: raw ``(scores, token_ids, best)`` like the kernels."""
+    s = scores_reference(hidden, weight, ids, counts, row_index)
+    tok, best, *_ = select(s, ids)
+    return s, tok, best
 
 
 def sparse_head_reference(

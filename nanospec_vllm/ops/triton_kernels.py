@@ -1,7 +1,8 @@
 """Triton sparse draft head: gather the active lm_head rows, fp32 dot products, argmax -- in one batched kernel.
 
-``sparse_head_triton(hidden, weight, ids, counts, row_index, topk, want_logprobs, vocab_size)`` returns the same
-5-tuple as :func:`.reference.sparse_head_reference` (semantics are defined there).
+``sparse_head_triton(hidden, weight, ids, counts, row_index)`` returns the raw ``(scores [B, C], token_ids [B],
+best [B])``; the dispatcher (:func:`nanospec_vllm.ops.sparse_head`) applies the shared epilogue (top-k,
+log-probabilities) once for every implementation. Semantics are defined in :mod:`.reference`.
 
 How it runs (two launches, static shapes, no host sync, CUDA-graph safe):
 
@@ -14,8 +15,7 @@ How it runs (two launches, static shapes, no host sync, CUDA-graph safe):
 2. ``_reduce_kernel``, grid ``(B,)``: best over the splits, ties to the lowest id; ``-1`` / ``-inf`` for a row
    with no candidate.
 
-Top-k and log-probabilities, when asked for, come from :func:`.reference.select` applied to the kernel's scores,
-so every implementation shares one epilogue. ``splits`` depends on ``B``, ``C`` and the device only: a batch of
+``splits`` depends on ``B``, ``C`` and the device only: a batch of
 one still spreads its candidates over ~4 programs per SM.
 
 Cost: reads ``sum(counts) * H * itemsize`` bytes of weight (e.g. 3,072 ids x 896 x bf16 = 5.5 MB, against 272 MB
@@ -33,7 +33,7 @@ import os
 
 import torch
 
-from .reference import select
+from .reference import RawHead
 
 __all__ = ["default_config", "is_available", "sparse_head_triton"]
 
@@ -199,25 +199,23 @@ def sparse_head_triton(
     ids: torch.Tensor,
     counts: torch.Tensor,
     row_index: torch.Tensor | None = None,
-    topk: int = 0,
-    want_logprobs: bool = False,
-    vocab_size: int | None = None,
     *,
     block_c: int | None = None,
     block_h: int | None = None,
     num_splits: int | None = None,
     num_warps: int | None = None,
-):
-    """Triton sparse head; returns what :func:`.reference.select` returns. The keyword-only block sizes override
+) -> RawHead:
+    """Triton sparse head: raw ``(scores, token_ids, best)``. The keyword-only block sizes override
     :func:`default_config` (tests and the benchmark's sweep)."""
     if triton is None:
         raise RuntimeError(f"triton is not importable ({_IMPORT_ERROR})")
     B, C = ids.shape
     H = hidden.shape[1]
     dev = hidden.device
-    if B == 0 or C == 0:  # nothing to launch; the shared epilogue handles the empty shapes
-        scores = torch.full((B, C), float("-inf"), dtype=torch.float32, device=dev)
-        return select(scores, ids, topk, want_logprobs, vocab_size)
+    if B == 0 or C == 0:  # nothing to launch
+        return (torch.full((B, C), float("-inf"), dtype=torch.float32, device=dev),
+                torch.full((B,), -1, dtype=torch.int64, device=dev),
+                torch.full((B,), float("-inf"), dtype=torch.float32, device=dev))
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
     if weight.stride(1) != 1:
@@ -249,7 +247,4 @@ def sparse_head_triton(
     best = torch.empty((B,), dtype=torch.float32, device=dev)
     reduce_kernel[(B,)](part_score, part_id, tok, best, splits,
                          BLOCK_S=triton.next_power_of_2(splits), num_warps=1, enable_fp_fusion=True)
-    topk_ids = topk_scores = logprobs = None
-    if topk > 0 or want_logprobs:
-        _, _, topk_ids, topk_scores, logprobs = select(scores, ids, topk, want_logprobs, vocab_size)
-    return tok, best, topk_ids, topk_scores, logprobs
+    return scores, tok, best

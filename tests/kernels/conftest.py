@@ -18,6 +18,24 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+IMPLS = ["torch", "native", "triton"]
+
+
+def require_impl(impl: str, device: str) -> None:
+    from nanospec_vllm.ops import native, triton_kernels
+
+    if impl == "native":
+        if device != "cpu":
+            pytest.skip("native is a CPU kernel")
+        if not native.is_available():
+            pytest.skip(f"native extension not built: {native.build_error()}")
+    if impl == "triton" and not triton_kernels.is_available(device):
+        if device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            pytest.fail("triton was imported before tests/kernels/conftest.py set TRITON_INTERPRET=1 (a module "
+                        "collected earlier imports vllm or triton); run with TRITON_INTERPRET=1 in the environment")
+        pytest.skip("triton unavailable (needs CUDA, or TRITON_INTERPRET=1 on CPU)")
+
 
 def _poisoned(factory):
     def wrapper(*args, **kwargs):

@@ -7,14 +7,13 @@ past the head, exact ties, EAGLE-3 ``d2t`` heads, top-k and log-probabilities. T
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
 
 from nanospec_vllm import ops
 from nanospec_vllm.ops import native, triton_kernels
-from nanospec_vllm.ops.reference import scores_reference, sparse_head_reference
+from nanospec_vllm.ops.reference import scores_reference, select, sparse_head_reference
 
 pytestmark = pytest.mark.kernels
 
@@ -26,21 +25,8 @@ LOGPROB_TOL = {"atol": 5e-4, "rtol": 5e-5}
 # The dense strategy scores in the weight's dtype (bf16 output of F.linear): ~3 significant digits.
 DENSE_BF16_TOL = {"atol": 0.05, "rtol": 1e-2}
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-IMPLS = ["torch", "native", "triton"]
-
-
-def _require(impl: str, device: str) -> None:
-    if impl == "native":
-        if device != "cpu":
-            pytest.skip("native is a CPU kernel")
-        if not native.is_available():
-            pytest.skip(f"native extension not built: {native.build_error()}")
-    if impl == "triton" and not triton_kernels.is_available(device):
-        if device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-            pytest.fail("triton was imported before tests/kernels/conftest.py set TRITON_INTERPRET=1 (a module "
-                        "collected earlier imports vllm or triton); run with TRITON_INTERPRET=1 in the environment")
-        pytest.skip("triton unavailable (needs CUDA, or TRITON_INTERPRET=1 on CPU)")
+from .conftest import DEVICES, IMPLS
+from .conftest import require_impl as _require
 
 
 @dataclasses.dataclass
@@ -204,9 +190,9 @@ def test_triton_block_shapes(case: Case, blocks: dict, device: str, poison) -> N
     _require("triton", device)
     hidden, weight, ids, counts, _ = _make(case, device)
     ref = sparse_head_reference(hidden, weight, ids, counts, None, case.topk, case.logprobs, case.vocab)
-    res = triton_kernels.sparse_head_triton(hidden, weight, ids, counts, None, case.topk, case.logprobs,
-                                            case.vocab, **blocks)
-    _compare(ops.SparseHeadOutput(*res), ref, case.name)
+    scores, tok, best = triton_kernels.sparse_head_triton(hidden, weight, ids, counts, None, **blocks)
+    _, _, tk_ids, tk_scores, lp = select(scores, ids, case.topk, case.logprobs, case.vocab)
+    _compare(ops.SparseHeadOutput(tok, best, tk_ids, tk_scores, lp), ref, case.name)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nanospec_vllm.tools.bench import kernels as bench
 from nanospec_vllm.ops import native
+from nanospec_vllm.tools.bench import kernels as bench
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,6 +35,9 @@ def test_quick_cpu_writes_rows(tmp_path, capsys) -> None:
         assert r["speedup_vs_dense"] > 0
         if r["impl"] == "dense":
             assert r["speedup_vs_dense"] == 1.0
+        if r["impl"] in bench.EXACT:  # every timed sparse impl returned the reference's tokens
+            assert r["tokens_match"] == 1.0, r
+    assert h["wrong_tokens"] == []
     # the dense head does not depend on the active set: one measurement per batch, reused
     for b in q["batches"]:
         assert len({r["median_us"] for r in rows if r["impl"] == "dense" and r["batch"] == b}) == 1
@@ -55,3 +58,23 @@ def test_bench_imports_only_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_wrong_tokens_fail_the_run(tmp_path, monkeypatch) -> None:
+    """An implementation that returns other tokens than the reference is reported and fails the run."""
+    good = bench._impls
+
+    def impls(device):
+        out = good(device)
+        out["torch"] = lambda h, w, i, c: (None, bench.raw_reference(h, w, i, c)[1] + 1, None)  # off by one id
+        return out
+
+    monkeypatch.setattr(bench, "_impls", impls)
+    out = tmp_path / "k.json"
+    try:
+        bench.main(["--device", "cpu", "--quick", "--json", str(out)])
+    except RuntimeError as e:
+        assert "torch B=" in str(e)
+    else:
+        raise AssertionError("a wrong implementation was not caught")
+    assert json.loads(out.read_text())["header"]["wrong_tokens"]

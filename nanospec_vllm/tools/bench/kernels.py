@@ -40,7 +40,7 @@ import torch
 
 from ... import __version__, ops
 from ...ops import native, triton_kernels
-from ..ops.reference import sparse_head_reference
+from ...ops.reference import raw_reference
 
 HEADS = {"qwen2.5-0.5b": (896, 151_936), "llama-3.1-8b": (4096, 128_256)}
 BATCHES = [1, 4, 16, 64]
@@ -66,6 +66,8 @@ class Row:
     mode: str = "eager"
     speedup_vs_dense: float | None = None  # dense median / this median (> 1: faster than the dense head)
     error: str | None = None
+    #: share of rows whose token equals the reference's (fp32 scores over the active set); sparse impls must be 1.0
+    tokens_match: float | None = None
 
 
 @dataclass
@@ -167,7 +169,7 @@ def _impls(device: torch.device) -> dict[str, Callable]:
     out: dict[str, Callable] = {
         "dense": lambda h, w, i, c: torch.nn.functional.linear(h, w).argmax(dim=-1),
         "dense-masked": lambda h, w, i, c: ops.sparse_head(h, w, i, c, dense_fallback_ratio=0.0),
-        "torch": lambda h, w, i, c: sparse_head_reference(h, w, i, c),
+        "torch": lambda h, w, i, c: raw_reference(h, w, i, c),
     }
     if device.type == "cpu" and native.is_available():
         out["native"] = native.sparse_head_native
@@ -185,6 +187,20 @@ def _triton_variants(batch: int, active: int, largest_active: int) -> dict[str, 
             return triton_kernels.sparse_head_triton(h, w, i, c, block_c=bc, block_h=bh, num_warps=nw)
         out[f"triton:bc{bc}-bh{bh}-w{nw}"] = fn
     return out
+
+
+def _tokens(out) -> torch.Tensor:
+    """The draft tokens of any timed callable's result (raw triple, SparseHeadOutput or a token tensor)."""
+    if isinstance(out, ops.SparseHeadOutput):
+        return out.token_ids
+    if isinstance(out, tuple):
+        return out[1]
+    return out
+
+
+#: implementations whose tokens must equal the reference exactly (same fp32 scores, same tie rule); the
+#: ``dense-masked`` strategy scores in the weight's dtype (as vLLM's head does), so bf16 near-ties may differ.
+EXACT = ("torch", "native", "triton")
 
 
 def _random_ids(batch: int, width: int, vocab: int, device: torch.device, gen: torch.Generator) -> torch.Tensor:
@@ -301,6 +317,7 @@ def run(s: Settings, argv: list[str], json_path: str | None) -> list[Row]:
     print(f"nanospec bench kernels: device={dev} impls={list(impls)} flush={s.flush} "
           f"torch={torch.__version__} threads={torch.get_num_threads()}", flush=True)
     gen = torch.Generator(device=dev if dev.type == "cuda" else "cpu").manual_seed(0)
+    wrong: list[str] = []
 
     def save() -> None:
         if hasattr(os, "getloadavg"):  # other processes on the machine skew CPU timings: keep the evidence
@@ -323,6 +340,8 @@ def run(s: Settings, argv: list[str], json_path: str | None) -> list[Row]:
                 ids = all_ids[:, :active].contiguous()
                 counts = torch.full((batch,), active, dtype=torch.int32, device=dev)
                 todo = dict(impls)
+                ref_tok = None if _too_big("torch", batch, active, H, dev) else raw_reference(
+                    hidden, weight, ids, counts)[1]
                 if dev.type == "cuda":
                     todo.update(_triton_variants(batch, active, max(s.actives)) if "triton" in impls else {})
                 for name, fn in todo.items():
@@ -332,6 +351,15 @@ def run(s: Settings, argv: list[str], json_path: str | None) -> list[Row]:
                                         r.batch == batch and r.mode == mode)
                             rows.append(Row(**{**asdict(prev), "active": active}))
                         continue
+                    match = None
+                    if name != "dense" and ref_tok is not None and not _too_big(name, batch, active, H, dev):
+                        try:
+                            got = _tokens(fn(hidden, weight, ids, counts)).long()
+                            match = float((got == ref_tok.long()).float().mean())
+                        except Exception:  # noqa: BLE001 - reported by the timing below
+                            match = None
+                        if match is not None and match < 1.0 and name.split(":")[0] in EXACT:
+                            wrong.append(f"{name} B={batch} C={active}: {match:.3f} of rows match the reference")
                     for mode in modes:
                         t0 = time.perf_counter()
                         def call(fn=fn, h=hidden, w=weight, i=ids, c=counts):
@@ -348,6 +376,7 @@ def run(s: Settings, argv: list[str], json_path: str | None) -> list[Row]:
                             row = Row(name, dev.type, head, H, V, batch, active, float("nan"), 0, mode,
                                       error=f"{type(e).__name__}: {e}"[:300])
                             print(f"  {name} {mode} B={batch} C={active}: {row.error}", flush=True)
+                        row.tokens_match = match
                         if name == "dense" and not row.error:
                             dense_us[mode] = row.median_us
                         if mode in dense_us and not row.error:
@@ -375,7 +404,11 @@ def run(s: Settings, argv: list[str], json_path: str | None) -> list[Row]:
             verdict = (f"sparse wins up to batch {c['largest_batch_sparse_wins']}, dense from batch "
                        f"{c['smallest_batch_dense_wins']} (B*C/V = {c['batch_x_active_over_vocab_at_loss']})")
         print(f"  {c['head']:>14} active={c['active']:>5}: {verdict}")
+    header["wrong_tokens"] = wrong
     save()
+    if wrong:
+        raise RuntimeError("sparse implementations returned tokens that differ from the reference:\n  "
+                           + "\n  ".join(wrong))
     return rows
 
 
