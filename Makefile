@@ -12,7 +12,7 @@ export DO_NOT_TRACK ?= 1
 export HF_HUB_OFFLINE ?= 1
 export VLLM_HOST_IP ?= 127.0.0.1
 
-.PHONY: install demo test test-unit test-kernels test-e2e models bench-kernels clean-venv
+.PHONY: lint install demo test test-unit test-kernels test-e2e models bench-kernels clean-venv
 
 install: $(VENV)/.installed-$(EXTRA)
 
@@ -33,8 +33,11 @@ endif
 models: install
 	$(PY) -m nanospec_vllm.cli prepare-models $(TEST_MODELS)
 
-test: install models
+test: install models lint
 	NANOSPEC_REQUIRE_MODELS=1 $(PY) -m pytest tests -ra -q
+
+lint: install
+	$(PY) -m ruff check nanospec_vllm tests
 
 test-unit: install
 	$(PY) -m pytest tests/unit -q

@@ -61,4 +61,14 @@ def _native() -> dict:
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExt.with_options(use_ninja=False)}}
 
 
-setup(**_native())
+def _configs() -> list[tuple[str, list[str]]]:
+    """configs/ travels with wheels too (found by ``nanospec_vllm.tools.configs_dir``)."""
+    out = []
+    for root, _, files in sorted(os.walk("configs")):
+        keep = sorted(os.path.join(root, f) for f in files if f.endswith((".yaml", ".yml", ".json", ".txt")))
+        if keep:
+            out.append((os.path.join("share", "nanospec-vllm", root), keep))
+    return out
+
+
+setup(data_files=_configs(), **_native())

@@ -2,7 +2,7 @@
 
 Everything else in the package receives a :class:`NanoSpecConfig`; nothing reads raw dicts. The defaults follow
 the paper (arXiv 2605.26444): seed from the prompt ids, add each step's draft tokens and the target's top-3 at
-verified positions, 3,072 ids per request, EOS and special ids always active. Choices the paper leaves open
+verified positions, 3,072 ids per request, EOS and the chat template's special ids always active. Choices the paper leaves open
 (full-set policy, static hot set, prompt-position top-k, kernel) are explicit settings with documented defaults.
 
 Errors name the key and what is allowed: ``nanospec.capacity: must be >= 1 (got 0)``.
@@ -17,7 +17,22 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-__all__ = ["NanoSpecConfig", "NanoSpecConfigError", "load_config_file", "load_hot_set", "parse_config"]
+__all__ = [
+    "SUPPORTED_METHODS",
+    "NanoSpecConfig",
+    "NanoSpecConfigError",
+    "check_engine",
+    "load_config_file",
+    "load_hot_set",
+    "parse_config",
+    "parse_switch",
+    "request_enabled",
+]
+
+#: Speculative methods whose drafter NanoSpec can prune (checked in the front end and again in the worker).
+SUPPORTED_METHODS = ("draft_model", "eagle", "eagle3")
+_TRUE = {"1", "true", "on", "yes"}
+_FALSE = {"0", "false", "off", "no"}
 
 KernelChoice = Literal["auto", "triton", "torch", "native"]
 FullPolicy = Literal["stop", "fifo"]
@@ -46,7 +61,8 @@ class NanoSpecConfig(BaseModel):
         description="Also add the target's top-k at prompt positions (costs a full-vocab projection over the "
         "prompt; off by default).",
     )
-    always_active_special_ids: bool = Field(True, description="EOS and the tokenizer's special ids always active.")
+    always_active_special_ids: bool = Field(
+        True, description="EOS, pad and the special tokens the chat template writes are always active.")
     always_active_ids: tuple[int, ...] = Field((), description="Extra token ids that are always active.")
     full_policy: FullPolicy = Field(
         "stop",
@@ -63,8 +79,7 @@ class NanoSpecConfig(BaseModel):
         gt=0.0,
         le=64.0,
         description="Use the full head (masked to the active sets) when batch x capacity >= ratio x vocab. "
-        "None (default): never. Measured: no crossover on CPU up to batch 256; on an H200 full 3,072-id sets "
-        "lose to the dense head from batch x capacity ~ 1-1.5 x vocab.",
+        "None (default): never. Measurements behind the choice: docs/benchmarks/kernels-*.md.",
     )
 
     @field_validator("always_active_ids")
@@ -101,6 +116,45 @@ class NanoSpecConfig(BaseModel):
         if self.hot_set_path is None:
             return []
         return load_hot_set(self.hot_set_path, self.hot_set_size)
+
+
+def parse_switch(value: Any) -> bool:
+    """The per-request ``nanospec`` switch: bool, 0/1, or one of true/false/on/off/yes/no. Raises ValueError."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"nanospec must be 0 or 1 (or true/false), got {value!r}")
+
+
+def request_enabled(sampling_params: Any, default: bool) -> bool:
+    """Whether a request drafts with NanoSpec: its ``extra_args["nanospec"]`` switch, else the engine default.
+    An invalid switch (rejected with HTTP 400 in the front end already) falls back to the default."""
+    extra = getattr(sampling_params, "extra_args", None) or {}
+    if "nanospec" not in extra:
+        return default
+    try:
+        return parse_switch(extra["nanospec"])
+    except ValueError:
+        return default
+
+
+def check_engine(method: Any, tensor_parallel_size: int = 1, heterogeneous_vocab: bool = False) -> str:
+    """The engine settings NanoSpec supports; raises :class:`NanoSpecConfigError` naming the one that is not.
+    Called in the front end (start-up error) and in the worker (engines built without the front-end patch)."""
+    if method not in SUPPORTED_METHODS:
+        raise NanoSpecConfigError(
+            f"nanospec: speculative method {method!r} is not supported (allowed: {', '.join(SUPPORTED_METHODS)}); "
+            "remove the `nanospec` block or change `method`")
+    if tensor_parallel_size != 1:
+        raise NanoSpecConfigError(
+            f"nanospec: tensor_parallel_size={tensor_parallel_size} is not supported yet (vocab-sharded heads are "
+            "planned); run with tensor_parallel_size=1 or remove the `nanospec` block")
+    if heterogeneous_vocab:
+        raise NanoSpecConfigError("nanospec: draft models with a heterogeneous vocabulary are not supported yet")
+    return str(method)
 
 
 def load_hot_set(path: str, size: int | None = None) -> list[int]:
@@ -168,7 +222,7 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             import yaml
 
             data = yaml.safe_load(text)
-    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: both carry the position
+    except Exception as e:  # noqa: BLE001 - yaml.YAMLError / json.JSONDecodeError: both carry the position
         raise NanoSpecConfigError(f"{p}: cannot parse ({e})") from None
     if data is None:
         data = {}

@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PROMPTS = [
     "Write a Python function that returns the n-th Fibonacci number using memoization.",
     "Explain the difference between a list and a tuple in Python, with examples.",
@@ -115,11 +114,12 @@ def core_check(model_dir: Path, prompt: str, steps: int = 24, capacity: int = 30
 
 
 def main(argv: list[str]) -> int:
+    from . import configs_dir
     from .assets import model_path
 
     ap = argparse.ArgumentParser(prog="nanospec demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="qwen2.5-coder-1.5b", help="prepared model name or a model folder")
-    ap.add_argument("--config", default=str(ROOT / "configs" / "nanospec.yaml"), help="speculative config file")
+    ap.add_argument("--config", default=str(configs_dir() / "nanospec.yaml"), help="speculative config file")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--prompts", help="Spec-Bench style question.jsonl (first turn of each line) instead of the "
                                       "built-in prompts")
@@ -138,11 +138,10 @@ def main(argv: list[str]) -> int:
         prompts = [json.loads(line)["turns"][0] for line in Path(a.prompts).read_text().splitlines() if line.strip()]
     prompts = prompts[: a.num_prompts]
     draft = model_path("qwen2.5-coder-0.5b")
-    if not a.no_core_check and draft is not None:
-        if not core_check(draft, prompts[0]):
-            print("core check failed: the dense head's token was in the active set but the sparse head chose "
-                  "another", file=sys.stderr)
-            return 1
+    if not a.no_core_check and draft is not None and not core_check(draft, prompts[0]):
+        print("core check failed: the dense head's token was in the active set but the sparse head chose "
+              "another", file=sys.stderr)
+        return 1
 
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
@@ -154,7 +153,7 @@ def main(argv: list[str]) -> int:
            "--max-num-seqs", "4"]
     print(f"$ {' '.join(cmd[2:])}\n  (server log: {log})", flush=True)
     t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)  # noqa: SIM115
     try:
         import urllib.request
 

@@ -46,7 +46,8 @@ def _expand_config_file(argv: list[str]) -> list[str]:
             path, j = a.split("=", 1)[1], i
         if path is None or not os.path.isfile(path):
             continue
-        text = open(path).read()
+        with open(path) as f:
+            text = f.read()
         new = re.sub(r"\$\{[^}]+\}", lambda m: expand_value(m.group(0)), text)
         if new != text:
             fd, tmp = tempfile.mkstemp(suffix=os.path.splitext(path)[1], prefix="nanospec-serve-")

@@ -20,8 +20,9 @@ def main() -> None:
         os.environ[k] = str(v)
     from vllm import LLM, SamplingParams
 
-    kwargs = dict(model=job["model"], enforce_eager=True, dtype="bfloat16", max_model_len=job.get("max_model_len", 2048),
-                  max_num_seqs=job.get("max_num_seqs", 64), disable_log_stats=False, seed=0)
+    kwargs = {"model": job["model"], "enforce_eager": True, "dtype": "bfloat16",
+              "max_model_len": job.get("max_model_len", 2048), "max_num_seqs": job.get("max_num_seqs", 64),
+              "disable_log_stats": False, "seed": 0}
     if job.get("spec"):
         kwargs["speculative_config"] = job["spec"]
     llm = LLM(**kwargs)
@@ -41,6 +42,8 @@ def main() -> None:
     for m in llm.get_metrics():
         if m.name.startswith("vllm:spec_decode") and hasattr(m, "value"):
             metrics[m.name] = metrics.get(m.name, 0) + m.value
+        elif m.name.startswith("vllm:spec_decode") and hasattr(m, "values"):  # per-position vector
+            metrics[m.name] = list(m.values)
     # vLLM's worker forgets a finished request at the engine step after it finished (its own `requests` dict
     # too); the offline LLM stops stepping as soon as outputs are done, so take that one step here.
     llm.llm_engine.step()
@@ -53,8 +56,9 @@ def _pool_state(worker):
     rt = getattr(worker.model_runner, "_nanospec_runtime", None)
     if rt is None:
         return None
-    return {"in_use": rt.pool.num_in_use, "impl": rt.impl, "head_rows": None if rt.head is None else
-            int(rt.head.weight.shape[0]), "row_index": rt.head is not None and rt.head.row_index is not None}
+    b = rt.head.binding
+    return {"in_use": rt.pool.num_in_use, "impl": rt.impl, "head_rows": None if b is None else int(b.weight.shape[0]),
+            "row_index": b is not None and b.row_index is not None, "totals": dict(rt.stats.totals)}
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def _free_port() -> int:
 def metric(text: str, name: str) -> float:
     total, found = 0.0, False
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith((name + " ", name + "{")):
             total += float(line.rsplit(" ", 1)[1])
             found = True
     if not found:
@@ -52,7 +52,7 @@ class Server:
                "--port", str(self.port), "--host", "127.0.0.1", "--enforce-eager", "--max-model-len", "512",
                "--max-num-seqs", "8", "--num-gpu-blocks-override", "9"]  # 9 x 128 tokens
         self.log = log
-        self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)  # noqa: SIM115
         deadline = time.time() + 300
         while time.time() < deadline:
             if self.proc.poll() is not None:

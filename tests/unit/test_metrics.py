@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from nanospec_vllm.state import ActiveVocabPool
-from nanospec_vllm.vllm.metrics import PAYLOAD_KEY, FrontendMetrics, StepStats, merge_payloads
+from nanospec_vllm.vllm.metrics import PAYLOAD_KEY, merge_payloads
+from nanospec_vllm.vllm.metrics.frontend import FrontendMetrics
+from nanospec_vllm.vllm.metrics.worker import StepStats
 
 pytest.importorskip("prometheus_client")
 

@@ -34,7 +34,7 @@ def wrap(orig):
 
 
 def test_apply_keeps_original_and_is_idempotent(fake_module):
-    p = Patch("nanospec_fake_mod:Owner.f", why="t", removal="t", make=wrap, expect_params=("self", "x"))
+    p = Patch("nanospec_fake_mod:Owner.f", why="t", removal="t", make=wrap, expect_params=("self", "x", "y"))
     assert p.apply() is True
     assert fake_module.Owner().f(1) == 20
     assert fake_module.Owner._nanospec_orig_f(fake_module.Owner(), 1) == 2
@@ -56,6 +56,13 @@ def test_signature_drift_detected(fake_module):
     with pytest.raises(PatchError, match="signature drifted"):
         p.apply()
     assert fake_module.Owner().f(1) == 2  # untouched
+
+
+def test_new_trailing_parameter_is_drift(fake_module):
+    """A parameter added after the ones the wrapper knows would be dropped at run time: refused at apply."""
+    p = Patch("nanospec_fake_mod:Owner.f", why="t", removal="t", make=wrap, expect_params=("self", "x"))
+    with pytest.raises(PatchError, match="signature drifted"):
+        p.apply()
 
 
 def test_missing_symbol(fake_module):

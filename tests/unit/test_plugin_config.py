@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from nanospec_vllm.vllm.drafter import parse_switch, request_enabled
+from nanospec_vllm.config import parse_switch, request_enabled
 from nanospec_vllm.vllm.patches import apply_all
 from nanospec_vllm.vllm.patches.patch_arg_utils import json_or_file
 from nanospec_vllm.vllm.patches.patch_cpu_triton_utils import expand_kernel_impl_fixed

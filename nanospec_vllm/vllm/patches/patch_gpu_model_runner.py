@@ -2,11 +2,15 @@
 these methods). Each wrapper calls the original unchanged when the engine has no ``nanospec`` block (one
 attribute lookup), so engines without NanoSpec are untouched.
 
-* ``_update_states``: slot lifecycle (free finished/preempted before vLLM's update; seed new/resumed after).
-* ``_sample``: keep the target's top-k ids of the verification logits (before vLLM samples from them).
-* ``propose_draft_token_ids``: add the step's emitted tokens + verified top-k to each set, count coverage, map
-  batch rows to slots for the drafter; after drafting, add the draft tokens.
-* ``execute_model`` / ``sample_tokens``: attach the step's statistics to the ``ModelRunnerOutput``.
+* ``_update_states``: slot lifecycle (release finished/preempted before vLLM's update; admit new/resumed after).
+* ``sample_tokens``: owns the step: the runtime's per-step context is created before vLLM's method and cleared
+  after it (``finally``), and the step's statistics ride on the ``ModelRunnerOutput``.
+* ``_sample`` (inside ``sample_tokens``): keep the target's top-k ids of the verification logits.
+* ``propose_draft_token_ids`` (inside ``sample_tokens``): update the sets and map rows to slots before drafting;
+  add the drafts after.
+* ``execute_model``: carry statistics on steps that schedule nothing (slot release only).
+
+The wrappers hold no logic: they call :class:`..runtime.NanoSpecRuntime` methods around vLLM's original.
 
 Removal: when vLLM offers drafter/runner extension points for per-request draft vocabularies.
 """
@@ -27,12 +31,15 @@ def _rt(runner: Any) -> Any:
 
 def _make_update_states(orig: Any) -> Any:
     def _update_states(self: Any, scheduler_output: Any) -> Any:
-        from ..drafter import NanoSpecRuntime
+        from ..runtime import NanoSpecRuntime
 
         rt = NanoSpecRuntime.maybe_create(self)
         if rt is None:
             return orig(self, scheduler_output)
-        return rt.update_states(self, scheduler_output, orig)
+        rt.release(scheduler_output)
+        out = orig(self, scheduler_output)
+        rt.admit_scheduled(self, scheduler_output)
+        return out
 
     return _update_states
 
@@ -41,7 +48,7 @@ def _make_sample(orig: Any) -> Any:
     def _sample(self: Any, logits: Any, spec_decode_metadata: Any) -> Any:
         rt = _rt(self)
         if rt is not None and logits is not None:
-            rt.take_target_topk(logits)
+            rt.on_verification_logits(logits)
         return orig(self, logits, spec_decode_metadata)
 
     return _sample
@@ -57,28 +64,25 @@ def _make_propose(orig: Any) -> Any:
                         sample_hidden_states, aux_hidden_states, spec_decode_metadata, common_attn_metadata,
                         slot_mappings)
         rt.before_propose(self, sampled_token_ids, spec_decode_metadata, hidden_states, common_attn_metadata)
-        try:
-            out = orig(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
-                       sample_hidden_states, aux_hidden_states, spec_decode_metadata, common_attn_metadata,
-                       slot_mappings)
-            rt.after_propose(out)
-        finally:
-            rt.ctx = None
+        out = orig(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                   sample_hidden_states, aux_hidden_states, spec_decode_metadata, common_attn_metadata,
+                   slot_mappings)
+        rt.after_propose(out)
         return out
 
     return propose_draft_token_ids
 
 
-def _attach(rt: Any, out: Any) -> Any:
+def _attach(payload: dict, out: Any) -> Any:
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
     if out is EMPTY_MODEL_RUNNER_OUTPUT:
         out = copy.copy(out)  # never mutate vLLM's shared empty output
-        out.nanospec_stats = rt.stats.drain(rt.pool, rt.impl)
+        out.nanospec_stats = payload
         return out
     mro = out if isinstance(out, ModelRunnerOutput) else getattr(out, "_model_runner_output", None)
     if isinstance(mro, ModelRunnerOutput):
-        mro.nanospec_stats = rt.stats.drain(rt.pool, rt.impl)
+        mro.nanospec_stats = payload
     return out
 
 
@@ -90,7 +94,7 @@ def _make_execute_model(orig: Any) -> Any:
             from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
 
             if out is EMPTY_MODEL_RUNNER_OUTPUT:  # nothing scheduled (e.g. only finished requests to clear)
-                return _attach(rt, out)
+                return _attach(rt.stats.drain(rt.pool, rt.impl), out)
         return out
 
     return execute_model
@@ -98,11 +102,16 @@ def _make_execute_model(orig: Any) -> Any:
 
 def _make_sample_tokens(orig: Any) -> Any:
     def sample_tokens(self: Any, grammar_output: Any) -> Any:
-        out = orig(self, grammar_output)
         rt = _rt(self)
-        if rt is not None and out is not None:
-            out = _attach(rt, out)
-        return out
+        if rt is None:
+            return orig(self, grammar_output)
+        rt.begin_step()
+        payload = None
+        try:
+            out = orig(self, grammar_output)
+        finally:
+            payload = rt.end_step()
+        return out if out is None else _attach(payload, out)
 
     return sample_tokens
 
@@ -122,7 +131,7 @@ PATCHES = [
     Patch(f"{TARGET}.execute_model", why="carry statistics on steps that schedule nothing (slot release)",
           removal="a stats extension field on ModelRunnerOutput", make=_make_execute_model,
           expect_params=("self", "scheduler_output", "intermediate_tensors")),
-    Patch(f"{TARGET}.sample_tokens", why="carry per-step statistics to the scheduler",
-          removal="a stats extension field on ModelRunnerOutput", make=_make_sample_tokens,
+    Patch(f"{TARGET}.sample_tokens", why="owns NanoSpec's per-step context; carries the step's statistics",
+          removal="a drafter context hook and a stats extension field on ModelRunnerOutput", make=_make_sample_tokens,
           expect_params=("self", "grammar_output")),
 ]

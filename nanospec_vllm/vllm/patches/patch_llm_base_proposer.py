@@ -1,8 +1,8 @@
 """Patch on ``vllm.v1.spec_decode.llm_base_proposer.SpecDecodeBaseProposer._sample_draft_tokens``.
 
 Why: it is the one call every draft position of ``draft_model`` / ``eagle`` / ``eagle3`` goes through (greedy and
-probabilistic). NanoSpec rows are scored by the sparse head over their active ids; rows that switched NanoSpec
-off, parallel drafting, and engines without NanoSpec call the original. Cost: the sparse head instead of the
+probabilistic). The patch asks the runtime's :class:`..head.SparseDraftHead` for the draft; it answers ``None``
+("not mine": no NanoSpec row, parallel drafting, ...) and then, as for engines without NanoSpec, the original runs. Cost: the sparse head instead of the
 full ``[B, V]`` projection. The drafter's lm_head (often shared with the target) is only read.
 Removal: when vLLM proposers accept a pluggable draft head.
 """
@@ -17,9 +17,8 @@ from .base import Patch
 def _make(orig: Any) -> Any:
     def _sample_draft_tokens(self: Any, hidden_states: Any, sampling_metadata: Any) -> Any:
         rt = getattr(self, "_nanospec_runtime", None)
-        if rt is None:
-            return orig(self, hidden_states, sampling_metadata)
-        return rt.sample_draft_tokens(self, hidden_states, sampling_metadata, orig)
+        res = None if rt is None else rt.head.sample(self, hidden_states, sampling_metadata)
+        return orig(self, hidden_states, sampling_metadata) if res is None else res
 
     return _sample_draft_tokens
 

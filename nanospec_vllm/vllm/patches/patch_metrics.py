@@ -23,7 +23,7 @@ MAX_PENDING = 256
 
 def _make_update(orig: Any) -> Any:
     def update_from_output(self: Any, scheduler_output: Any, model_runner_output: Any) -> Any:
-        from ..metrics import PAYLOAD_KEY, merge_payloads
+        from ..metrics.transport import PAYLOAD_KEY, merge_payloads
 
         p = getattr(model_runner_output, "nanospec_stats", None)
         pending = self.__dict__.setdefault("_nanospec_pending", [])
@@ -49,7 +49,8 @@ def _make_update(orig: Any) -> Any:
 def _make_record(orig: Any) -> Any:
     def record(self: Any, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                engine_idx: Any = None) -> Any:
-        from ..metrics import PAYLOAD_KEY, FrontendMetrics
+        from ..metrics.frontend import FrontendMetrics
+        from ..metrics.transport import PAYLOAD_KEY
 
         ecs = getattr(scheduler_stats, "ec_connector_stats", None)
         if isinstance(ecs, dict) and PAYLOAD_KEY in ecs:
@@ -65,7 +66,7 @@ def _make_record(orig: Any) -> Any:
 
 def _make_log(orig: Any) -> Any:
     def log(self: Any) -> Any:
-        from ..metrics import FrontendMetrics
+        from ..metrics.frontend import FrontendMetrics
 
         out = orig(self)
         if FrontendMetrics._instance is not None:

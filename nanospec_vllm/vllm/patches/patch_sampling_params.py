@@ -21,7 +21,7 @@ def _make(orig: Any) -> Any:
         if isinstance(extra, dict) and "nanospec" in extra:
             from vllm.exceptions import VLLMValidationError
 
-            from ..drafter import parse_switch
+            from ...config import parse_switch
 
             try:
                 parse_switch(extra["nanospec"])

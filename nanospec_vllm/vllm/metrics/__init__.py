@@ -1,0 +1,24 @@
+"""NanoSpec statistics, split by the process that runs each part.
+
+* :mod:`.worker` (model-runner process): :class:`StepStats` counts on the device and drains once per step into
+  a small dict that rides on ``ModelRunnerOutput.nanospec_stats``;
+* :mod:`.transport` (engine core and front end): the payload key and how pending payloads merge; the scheduler
+  patch moves payloads into ``SchedulerStats.ec_connector_stats["__nanospec__"]`` (a dict field that survives
+  vLLM's msgpack transport);
+* :mod:`.frontend` (API server / ``LLM`` process): the ``StatLoggerManager.record`` patch pops that payload
+  *before* vLLM's loggers see it and feeds :class:`FrontendMetrics` (Prometheus objects named ``nanospec_*``,
+  and the periodic log line).
+
+Metrics: ``nanospec_slots_in_use`` (gauge), ``nanospec_active_vocab_size`` (histogram of set sizes at draft time,
+one observation per NanoSpec request per draft step), ``nanospec_target_tokens_total`` and
+``nanospec_target_tokens_covered_total`` (tokens the target emitted at drafted positions, and how many were in
+the active set when drafted), ``nanospec_ids_dropped_live`` (ids refused by full sets of live requests),
+``nanospec_fallbacks_total`` (draft calls that had to use the full head) and ``nanospec_kernel{impl}`` (1 for the
+sparse head implementation in use).
+
+Importing this package imports neither torch nor prometheus_client; each submodule imports what it needs.
+"""
+
+from .transport import PAYLOAD_KEY, SIZE_BUCKETS, merge_payloads
+
+__all__ = ["PAYLOAD_KEY", "SIZE_BUCKETS", "merge_payloads"]

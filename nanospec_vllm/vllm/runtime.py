@@ -1,0 +1,265 @@
+"""NanoSpec in vLLM's V1 worker: the slot lifecycle and the per-step context (one object per model runner).
+
+:class:`NanoSpecRuntime` is created lazily the first time the runner updates its states, only when the engine's
+``additional_config`` carries a ``nanospec`` block (put there by the config patch). The runner patches in
+:mod:`.patches.patch_gpu_model_runner` drive it; the one walk of an engine step is:
+
+1. ``_update_states``: :meth:`~NanoSpecRuntime.release` frees finished and preempted requests' slots before
+   vLLM's update, :meth:`~NanoSpecRuntime.admit_scheduled` seeds new requests from their prompt ids (+ stop/EOS
+   ids) and resumed ones from prompt + output so far, after it. A request whose ``extra_args["nanospec"]`` is
+   false gets no slot and drafts with the full head.
+2. ``sample_tokens`` owns the step: :meth:`~NanoSpecRuntime.begin_step` creates the :class:`StepContext`, and
+   :meth:`~NanoSpecRuntime.end_step` clears it and drains the statistics onto the ``ModelRunnerOutput``.
+   Inside it, in order:
+3. ``_sample``: :meth:`~NanoSpecRuntime.on_verification_logits` keeps the target's top-k ids of every logits row
+   (one ``topk`` over logits that exist anyway).
+4. ``propose_draft_token_ids``: :meth:`~NanoSpecRuntime.before_propose` maps batch rows to slots
+   (:func:`..step.plan_batch`), counts coverage and adds the emitted tokens + verified top-k
+   (:func:`..step.verified_update`); :meth:`~NanoSpecRuntime.after_propose` adds the step's drafts.
+5. Every draft position: the proposer patch asks :class:`.head.SparseDraftHead` (``rt.head``) for the draft
+   tokens; it answers ``None`` when the batch is not its to draft.
+
+Host synchronisations added per step on CUDA: building the row -> slot tensors and the verified-row index from
+host lists (small host-to-device copies), the statistics drain (one read-back of a few counters), and, per draft
+position, one check for rows whose set holds no draftable id (only possible with an EAGLE-3 reduced draft
+vocabulary). Cost per step: one ``[rows, V]`` top-k, one ``extend``, and the sparse head instead of the dense one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import NanoSpecConfig, check_engine, parse_config, request_enabled
+from ..ops import resolve_impl
+from ..state import ActiveVocabPool, PoolFullError
+from ..step import BatchPlan, logits_starts, plan_batch, prompt_rows, verified_update
+from .head import SparseDraftHead
+from .metrics.worker import StepStats
+
+logger = logging.getLogger("vllm.nanospec")
+
+__all__ = ["NanoSpecRuntime", "StepContext", "get_runtime", "pinned_token_ids"]
+
+
+@dataclass
+class StepContext:
+    """What one engine step knows; created by :meth:`NanoSpecRuntime.begin_step`, cleared by ``end_step``."""
+
+    topk: torch.Tensor | None = None  # [logits rows, k] target top-k at this step's verification
+    plan: BatchPlan | None = None  # row -> slot map of the batch being drafted
+    slots: torch.Tensor | None = None  # [B] int64 on the device, -1 = full head
+    on_idx: torch.Tensor | None = None  # [len(on_rows)] int64
+    off_idx: torch.Tensor | None = None  # [len(off_rows)] int64
+    active: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, counts) of on rows, read once per propose
+
+
+def get_runtime(obj: Any) -> NanoSpecRuntime | None:
+    return getattr(obj, "_nanospec_runtime", None)
+
+
+def _as_padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """``list[list[int]]`` (vLLM's unpadded sampled/draft ids) -> ``[B, W]`` int64 padded with -1."""
+    width = max((len(x) for x in rows), default=0) or 1
+    return torch.tensor([x + [-1] * (width - len(x)) for x in rows], dtype=torch.int64, device=device)
+
+
+def pinned_token_ids(hf_config: Any, tokenizer: Any | None) -> set[int]:
+    """Ids a generation can actually need, always active: EOS ids (model config), the tokenizer's EOS / pad, and
+    the special tokens that the chat template writes. Placeholder
+    specials the template never emits (some tokenizers reserve thousands) are not pinned."""
+    ids: set[int] = set()
+    eos = getattr(hf_config, "eos_token_id", None)
+    for x in (eos if isinstance(eos, (list, tuple)) else [eos]):
+        if isinstance(x, int):
+            ids.add(x)
+    if tokenizer is not None:
+        for attr in ("eos_token_id", "pad_token_id"):
+            v = getattr(tokenizer, attr, None)
+            if isinstance(v, int):
+                ids.add(v)
+        template = getattr(tokenizer, "chat_template", None) or ""
+        if isinstance(template, dict):
+            template = " ".join(str(v) for v in template.values())
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        for i, tok in decoder.items():
+            content = getattr(tok, "content", str(tok))
+            if getattr(tok, "special", False) and content and content in template:
+                ids.add(int(i))
+    return ids
+
+
+class NanoSpecRuntime:
+    def __init__(self, runner: Any, cfg: NanoSpecConfig) -> None:
+        spec = runner.speculative_config
+        self.method = check_engine(getattr(spec, "method", None), runner.parallel_config.tensor_parallel_size,
+                                   getattr(spec, "use_heterogeneous_vocab", False))
+        self.cfg = cfg
+        self.device = torch.device(runner.device)
+        self.vocab_size = int(runner.model_config.get_vocab_size())
+        pinned = set(cfg.always_active_ids) | set(cfg.hot_set())
+        if cfg.always_active_special_ids:
+            pinned |= self._generation_ids(runner)
+        pinned = {i for i in pinned if 0 <= i < self.vocab_size}
+        if len(pinned) >= cfg.capacity:  # never fail start-up over pinned ids: keep the lowest, say so
+            logger.warning("NanoSpec: %d pinned ids do not fit capacity %d; pinning the first %d", len(pinned),
+                           cfg.capacity, cfg.capacity // 2)
+            pinned = set(sorted(pinned)[: cfg.capacity // 2])
+        num_slots = int(runner.scheduler_config.max_num_seqs)
+        self.pool = ActiveVocabPool(num_slots, self.vocab_size, cfg.capacity, self.device, sorted(pinned),
+                                    cfg.full_policy)
+        self.impl = resolve_impl(cfg.kernel, self.device)
+        self.stats = StepStats(self.device)
+        self.head = SparseDraftHead(self)
+        self.ctx: StepContext | None = None
+        logger.info(
+            "NanoSpec active: method=%s capacity=%d slots=%d pinned=%d policy=%s kernel=%s pool=%.1f MiB",
+            self.method, cfg.capacity, num_slots, len(pinned), cfg.full_policy, self.impl, self.pool.nbytes / 2**20,
+        )
+
+    # ------------------------------------------------------------------ set-up
+    @classmethod
+    def maybe_create(cls, runner: Any) -> NanoSpecRuntime | None:
+        rt = get_runtime(runner)
+        if rt is not None or getattr(runner, "_nanospec_checked", False):
+            return rt
+        runner._nanospec_checked = True
+        extra = getattr(runner.vllm_config, "additional_config", None) or {}
+        block = extra.get("nanospec") if isinstance(extra, dict) else None
+        if block is None or getattr(runner, "drafter", None) is None:
+            return None
+        rt = cls(runner, parse_config(block))
+        runner._nanospec_runtime = rt
+        runner.drafter._nanospec_runtime = rt
+        return rt
+
+    def _generation_ids(self, runner: Any) -> set[int]:
+        tok = None
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(runner.model_config.tokenizer,
+                                                trust_remote_code=runner.model_config.trust_remote_code)
+        except Exception as e:  # noqa: BLE001 - tokenizer-less engines: EOS from the config is still pinned
+            logger.warning("NanoSpec: could not load the tokenizer to pin chat-template ids (%s); pinning EOS only", e)
+        ids = pinned_token_ids(runner.model_config.hf_config, tok)
+        shown = ", ".join(f"{i}={tok.convert_ids_to_tokens(i)!r}" if tok is not None else str(i) for i in sorted(ids))
+        logger.info("NanoSpec: pinned generation ids (EOS, pad, chat-template markers): %s", shown or "none")
+        return ids
+
+    # ------------------------------------------------------------------ lifecycle
+    def admit(self, req_id: str, req_state: Any, token_ids: list[int]) -> None:
+        sp = getattr(req_state, "sampling_params", None)
+        if sp is None or not request_enabled(sp, self.cfg.enabled):
+            self.pool.free(req_id)  # no slot: this request drafts with the full head
+            return
+        seed = list(token_ids) if self.cfg.seed_from_prompt else []
+        seed += list(getattr(sp, "all_stop_token_ids", None) or getattr(sp, "stop_token_ids", None) or [])
+        try:
+            self.pool.seed(req_id, seed)
+        except PoolFullError:
+            logger.warning("NanoSpec: no free slot for %s; it drafts with the full head", req_id)
+            self.stats.no_slot += 1
+
+    def release(self, scheduler_output: Any) -> None:
+        """Before vLLM's ``_update_states``: finished and preempted requests give their slot back."""
+        for rid in scheduler_output.finished_req_ids:
+            self.pool.free(rid)
+        for rid in getattr(scheduler_output, "preempted_req_ids", None) or ():
+            self.pool.free(rid)  # re-seeded from prompt + output when resumed
+
+    def admit_scheduled(self, runner: Any, scheduler_output: Any) -> None:
+        """After vLLM's ``_update_states``: seed new requests, re-seed resumed ones."""
+        for nr in scheduler_output.scheduled_new_reqs:
+            rs = runner.requests.get(nr.req_id)
+            if rs is not None:
+                self.admit(nr.req_id, rs, list(rs.prompt_token_ids or []))
+        cached = scheduler_output.scheduled_cached_reqs
+        for rid in getattr(cached, "resumed_req_ids", None) or ():
+            rs = runner.requests.get(rid)
+            if rs is not None:
+                self.admit(rid, rs, list(rs.prompt_token_ids or []) + list(rs.output_token_ids or []))
+
+    # ------------------------------------------------------------------ the step
+    def begin_step(self) -> StepContext:
+        self.ctx = StepContext()
+        return self.ctx
+
+    def end_step(self) -> dict[str, Any]:
+        """Clear the step's context; returns the step's statistics payload (one host sync)."""
+        self.ctx = None
+        return self.stats.drain(self.pool, self.impl)
+
+    def on_verification_logits(self, logits: torch.Tensor) -> None:
+        k = self.cfg.target_topk
+        if self.ctx is None or k <= 0 or not self.pool.num_in_use or logits.dim() != 2 or not logits.shape[0]:
+            return
+        self.ctx.topk = logits.topk(min(k, logits.shape[1]), dim=-1).indices
+
+    def before_propose(self, runner: Any, sampled: torch.Tensor | list[list[int]], spec_meta: Any,
+                       hidden: Any = None, attn_meta: Any = None) -> None:
+        ctx = self.ctx
+        if ctx is None:  # only sample_tokens (the owner) opens a step
+            return
+        num_reqs = runner.input_batch.num_reqs
+        plan = plan_batch(runner.input_batch.req_ids[:num_reqs], self.pool.slot_of)
+        dev = self.device
+        ctx.plan = plan
+        ctx.slots = torch.tensor(plan.slots, dtype=torch.int64, device=dev)
+        ctx.on_idx = torch.tensor(plan.on_rows, dtype=torch.int64, device=dev)
+        ctx.off_idx = torch.tensor(plan.off_rows, dtype=torch.int64, device=dev)
+        topk, ctx.topk = ctx.topk, None
+        if not plan.on_rows:
+            return
+        if self.cfg.prompt_topk:
+            self._add_prompt_topk(runner, plan.on_rows, ctx.slots, hidden, attn_meta)
+        discard = runner.discard_request_mask.np[:num_reqs]
+        rows = [i for i in plan.on_rows if not discard[i]]  # partial prefills emit nothing
+        if not rows:
+            return
+        if isinstance(sampled, list):
+            sampled = _as_padded(sampled, dev)
+        nd_all = None if spec_meta is None else list(spec_meta.num_draft_tokens)
+        starts_all = logits_starts(nd_all, num_reqs)
+        idx = torch.tensor(rows, dtype=torch.int64, device=dev)
+        s = sampled[idx].long()  # [R, W]
+        nd = None if nd_all is None else torch.tensor([nd_all[i] for i in rows], dtype=torch.int64, device=dev)
+        starts = torch.tensor([starts_all[i] for i in rows], dtype=torch.int64, device=dev)
+        upd = verified_update(s, nd, starts, topk)
+        rslots = ctx.slots[idx]
+        covered = self.pool.contains(rslots, s) & upd.drafted  # against the set the drafts were made from
+        self.stats.add_coverage(upd.drafted.sum(), covered.sum())
+        self.pool.extend(rslots, upd.new_ids)
+
+    def _add_prompt_topk(self, runner: Any, rows: tuple[int, ...], slots: torch.Tensor, hidden: Any,
+                         attn_meta: Any) -> None:
+        """``prompt_topk``: the target's top-k at the prompt positions scheduled this step (a full-vocab
+        projection of those positions' hidden states, in chunks of 256 rows)."""
+        qsl = getattr(attn_meta, "query_start_loc_cpu", None)
+        if qsl is None or not isinstance(hidden, torch.Tensor):
+            return
+        k = max(1, self.cfg.target_topk)
+        computed = runner.input_batch.num_computed_tokens_cpu
+        n_prompt = runner.input_batch.num_prompt_tokens
+        for i in rows:
+            lo, hi = prompt_rows(int(qsl[i]), int(qsl[i + 1]), int(n_prompt[i]), int(computed[i]))
+            for c in range(lo, hi, 256):
+                top = runner.model.compute_logits(hidden[c: min(hi, c + 256)]).topk(k, dim=-1).indices
+                self.pool.extend(slots[i: i + 1], top.T.reshape(1, -1))  # rank-major: all top-1 first
+
+    def after_propose(self, draft_ids: Any) -> None:
+        ctx = self.ctx
+        if ctx is None or ctx.plan is None or not ctx.plan.on_rows or not self.cfg.add_draft_tokens:
+            return
+        if isinstance(draft_ids, list):
+            if not draft_ids:
+                return
+            draft_ids = _as_padded(draft_ids, self.device)
+        if not isinstance(draft_ids, torch.Tensor) or draft_ids.dim() != 2 or draft_ids.shape[1] == 0:
+            return
+        if draft_ids.shape[0] != ctx.plan.batch_size:
+            return
+        self.pool.extend(ctx.slots[ctx.on_idx], draft_ids[ctx.on_idx].long())
