@@ -140,10 +140,10 @@ def test_nbytes_reported():
 
 
 @pytest.mark.parametrize("kwargs,msg", [
-    (dict(num_slots=0, vocab_size=10, capacity=4), ">= 1"),
-    (dict(num_slots=1, vocab_size=10, capacity=4, policy="lru"), "policy"),
-    (dict(num_slots=1, vocab_size=10, capacity=4, pinned_ids=[10]), "out of range"),
-    (dict(num_slots=1, vocab_size=10, capacity=2, pinned_ids=[1, 2]), "no room"),
+    ({"num_slots": 0, "vocab_size": 10, "capacity": 4}, ">= 1"),
+    ({"num_slots": 1, "vocab_size": 10, "capacity": 4, "policy": "lru"}, "policy"),
+    ({"num_slots": 1, "vocab_size": 10, "capacity": 4, "pinned_ids": [10]}, "out of range"),
+    ({"num_slots": 1, "vocab_size": 10, "capacity": 2, "pinned_ids": [1, 2]}, "no room"),
 ])
 def test_bad_arguments(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
