@@ -22,6 +22,7 @@ __all__ = [
     "NanoSpecConfig",
     "NanoSpecConfigError",
     "check_engine",
+    "check_tensor_parallel",
     "load_config_file",
     "load_hot_set",
     "parse_config",
@@ -141,6 +142,14 @@ def request_enabled(sampling_params: Any, default: bool) -> bool:
         return default
 
 
+def check_tensor_parallel(tensor_parallel_size: int) -> None:
+    """NanoSpec does not shard its head yet: only ``tensor_parallel_size == 1``."""
+    if tensor_parallel_size != 1:
+        raise NanoSpecConfigError(
+            f"nanospec: tensor_parallel_size={tensor_parallel_size} is not supported yet (vocab-sharded heads are "
+            "planned); run with tensor_parallel_size=1 or remove the `nanospec` block")
+
+
 def check_engine(method: Any, tensor_parallel_size: int = 1, heterogeneous_vocab: bool = False) -> str:
     """The engine settings NanoSpec supports; raises :class:`NanoSpecConfigError` naming the one that is not.
     Called in the front end (start-up error) and in the worker (engines built without the front-end patch)."""
@@ -148,10 +157,7 @@ def check_engine(method: Any, tensor_parallel_size: int = 1, heterogeneous_vocab
         raise NanoSpecConfigError(
             f"nanospec: speculative method {method!r} is not supported (allowed: {', '.join(SUPPORTED_METHODS)}); "
             "remove the `nanospec` block or change `method`")
-    if tensor_parallel_size != 1:
-        raise NanoSpecConfigError(
-            f"nanospec: tensor_parallel_size={tensor_parallel_size} is not supported yet (vocab-sharded heads are "
-            "planned); run with tensor_parallel_size=1 or remove the `nanospec` block")
+    check_tensor_parallel(tensor_parallel_size)
     if heterogeneous_vocab:
         raise NanoSpecConfigError("nanospec: draft models with a heterogeneous vocabulary are not supported yet")
     return str(method)

@@ -41,6 +41,7 @@ import torch
 from ... import __version__, ops
 from ...ops import native, triton_kernels
 from ...ops.reference import raw_reference
+from .. import assets
 
 HEADS = {"qwen2.5-0.5b": (896, 151_936), "llama-3.1-8b": (4096, 128_256)}
 BATCHES = [1, 4, 16, 64]
@@ -412,19 +413,6 @@ def run(s: Settings, argv: list[str], json_path: str | None) -> list[Row]:
     return rows
 
 
-def _mem_available() -> int:
-    """Memory the kernel can hand out (``MemAvailable``: free + reclaimable page cache). Free pages alone
-    (``SC_AVPHYS_PAGES``) are near zero once model files sit in the page cache."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 2**40
-
-
 def _too_big(impl: str, batch: int, active: int, hidden: int, dev: torch.device) -> str | None:
     """The PyTorch reference materialises the gathered rows in bf16 and fp32 (6 bytes per weight element):
     skip it where that would not fit comfortably (batch 256 x 3,072 ids x 4096 needs 19 GB)."""
@@ -433,8 +421,10 @@ def _too_big(impl: str, batch: int, active: int, hidden: int, dev: torch.device)
     need = batch * active * hidden * 6
     if dev.type == "cuda":
         have = torch.cuda.mem_get_info(dev)[0]
-    else:
-        have = _mem_available()
+    else:  # MemAvailable (free + reclaimable page cache): free pages alone are ~0 once models are cached
+        have = assets._mem_available()
+        if have is None:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 2**40
     if need > 0.4 * have:
         return f"skipped: the reference needs ~{need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB free"
     return None

@@ -62,7 +62,13 @@ _v2_logged = False
 
 def _make_create_speculative_config(orig: Any) -> Any:
     def create_speculative_config(self: Any, target_model_config: Any, target_parallel_config: Any) -> Any:
-        from ...config import NanoSpecConfigError, check_engine, load_config_file, split_speculative_config
+        from ...config import (
+            NanoSpecConfigError,
+            check_engine,
+            check_tensor_parallel,
+            load_config_file,
+            split_speculative_config,
+        )
 
         sc = self.speculative_config
         if isinstance(sc, (str, os.PathLike)):
@@ -78,9 +84,7 @@ def _make_create_speculative_config(orig: Any) -> Any:
             if not isinstance(ac, dict):
                 raise NanoSpecConfigError("NanoSpec needs additional_config to be a dict (or unset)")
             ac["nanospec"] = ns.model_dump(mode="json")
-            tp = getattr(target_parallel_config, "tensor_parallel_size", 1)
-            if tp != 1:
-                check_engine("draft_model", tp)  # fail before vLLM builds anything
+            check_tensor_parallel(getattr(target_parallel_config, "tensor_parallel_size", 1))  # before vLLM builds
             global _v2_logged
             if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
                 os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
