@@ -53,7 +53,7 @@ def _drafter(method: str, qwen05b, workdir) -> str:
     return str(make_eagle3_head(workdir / "eagle3", reduced=True))
 
 
-@pytest.mark.parametrize("method", ["draft_model"])  # EAGLE / EAGLE-3 variants: not yet run here
+@pytest.mark.parametrize("method", ["draft_model", "eagle", "eagle3"])
 def test_every_id_active_accepts_exactly_as_the_full_head(method, qwen05b, prompts, workdir, all_ids):
     spec = {"method": method, "model": _drafter(method, qwen05b, workdir), "num_speculative_tokens": K}
     base = {"model": str(qwen05b), "prompts": prompts, "max_tokens": MAX_TOKENS}
