@@ -11,26 +11,20 @@ import json
 import os
 import sys
 
+from nanospec_vllm.tools.engine import chat_ids, engine_kwargs, set_engine_env
+
 
 def main() -> None:
     job = json.load(sys.stdin)
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     for k, v in (job.get("env") or {}).items():
         os.environ[k] = str(v)
+    set_engine_env(kv_cache_gib=2)
     from vllm import LLM, SamplingParams
 
-    kwargs = {"model": job["model"], "enforce_eager": True, "dtype": "bfloat16",
-              "max_model_len": job.get("max_model_len", 2048), "max_num_seqs": job.get("max_num_seqs", 64),
-              "disable_log_stats": False, "seed": 0}
-    if job.get("spec"):
-        kwargs["speculative_config"] = job["spec"]
-    llm = LLM(**kwargs)
+    llm = LLM(**engine_kwargs(job["model"], job.get("spec"), max_model_len=job.get("max_model_len", 2048),
+                              max_num_seqs=job.get("max_num_seqs", 64)))
     tok = llm.get_tokenizer()
-    prompts = []
-    for p in job["prompts"]:
-        text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-        prompts.append({"prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+    prompts = [{"prompt_token_ids": chat_ids(tok, p)} for p in job["prompts"]]
     switches = job.get("switches") or [None] * len(prompts)
     params = []
     for s in switches:

@@ -1,0 +1,40 @@
+"""Offline vLLM engines for the tools and the tests: one environment, one set of engine defaults, one way to
+encode a chat prompt. Used by ``bench e2e``, ``bench coverage``, ``train-eagle`` and ``tests/e2e/engine_job.py``.
+
+Imports nothing heavy at module level (vLLM is imported by the callers, after :func:`set_engine_env`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+__all__ = ["ENGINE_ENV", "chat_ids", "engine_kwargs", "set_engine_env"]
+
+#: The in-process CPU engine: worker in this process, loopback only, no hub, no usage reports.
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1",
+              "VLLM_NO_USAGE_STATS": "1"}
+
+
+def set_engine_env(kv_cache_gib: float | None = None) -> None:
+    """Set :data:`ENGINE_ENV` (and the CPU KV-cache size) where the environment does not say otherwise."""
+    for k, v in ENGINE_ENV.items():
+        os.environ.setdefault(k, v)
+    if kv_cache_gib is not None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
+
+
+def engine_kwargs(model: str, spec: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """``vllm.LLM`` arguments: eager, bf16, seeded, statistics on (spec-decode counters); ``extra`` overrides."""
+    kwargs: dict[str, Any] = {"model": model, "enforce_eager": True, "dtype": "bfloat16", "max_model_len": 2048,
+                              "disable_log_stats": False, "seed": 0}
+    if spec:
+        kwargs["speculative_config"] = spec
+    kwargs.update(extra)
+    return kwargs
+
+
+def chat_ids(tok: Any, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` as a single user turn with the model's chat template, as the server encodes it."""
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    return tok.encode(text, add_special_tokens=False)
