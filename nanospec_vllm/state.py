@@ -13,7 +13,9 @@ Per slot it keeps:
   ``dropped[slot]`` (ids refused because the set was full under the ``stop`` policy).
 
 :meth:`extend` adds a ``[B, n]`` batch of candidate ids (``-1`` = padding) to ``B`` distinct slots with a fixed
-number of tensor ops: no host synchronisation, no data-dependent shapes, deterministic results. Bits are set with
+number of tensor ops: no host synchronisation, no data-dependent shapes, deterministic results. New ids are
+admitted in the order of arrival, so when a set fills up the candidates EARLIER in a row win (callers put the most
+useful first: emitted tokens, then the target's top-1, top-2, ...); duplicates count at their first occurrence. Bits are set with
 an integer ``index_add_`` of distinct, unset bits, which equals a bitwise OR and is exact in any order.
 
 Memory: ``num_slots * (4 * ceil(V/32) + 4 * (capacity + 1) + 20)`` bytes, e.g. 256 slots x V=151,936 x 3,072 ids
@@ -115,6 +117,7 @@ class ActiveVocabPool:
         slot = self._slot_of.pop(key, None)
         if slot is None:
             return False
+        self.dropped[slot] = 0  # a finished request must not keep counting in the dropped metric
         self._free.append(slot)
         return True
 
@@ -140,9 +143,12 @@ class ActiveVocabPool:
         slots = slots.to(self.device, torch.int64)
         x = new_ids.to(self.device, torch.int64)
         x = torch.where((x >= 0) & (x < V), x, torch.full_like(x, V))
-        x, _ = torch.sort(x, dim=1)  # sentinel V sorts last; equal ids become neighbours
-        first = torch.ones_like(x, dtype=torch.bool)
-        first[:, 1:] = x[:, 1:] != x[:, :-1]
+        # De-duplicate within the row keeping each id's FIRST occurrence, and keep the order of arrival: a stable
+        # sort makes equal ids neighbours (earliest first); the "first" flags are scattered back to row order.
+        sx, perm = torch.sort(x, dim=1, stable=True)
+        first_sorted = torch.ones_like(sx, dtype=torch.bool)
+        first_sorted[:, 1:] = sx[:, 1:] != sx[:, :-1]
+        first = torch.empty_like(first_sorted).scatter_(1, perm, first_sorted)
         valid = (x < V) & first
         x = x.clamp(max=V - 1)
         word = x >> 5

@@ -10,13 +10,22 @@ from nanospec_vllm.state import ActiveVocabPool, PoolFullError
 V = 151_936
 
 
+def _arrivals(batch, known):
+    """New ids of one batch in order of first arrival (the pool keeps arrival order)."""
+    out = []
+    for x in batch:
+        if 0 <= x < V and x not in known and x not in out:
+            out.append(x)
+    return out
+
+
 def python_model(pinned, cap, policy, batches):
     """A plain-Python model of one slot: the id list the pool must hold after the given extends."""
     head = sorted(set(pinned))
     if policy == "stop":
         ids = list(head)
         for b in batches:
-            new = sorted({x for x in b if 0 <= x < V} - set(ids))
+            new = _arrivals(b, set(ids))
             ids += new[: max(0, cap - len(ids))]
         return ids
     ring = cap - len(head)
@@ -24,7 +33,7 @@ def python_model(pinned, cap, policy, batches):
     admitted = 0
     for b in batches:
         live = set(head) | {x for x in slots if x is not None}
-        for x in sorted({x for x in b if 0 <= x < V} - live)[:ring]:
+        for x in _arrivals(b, live)[:ring]:
             slots[admitted % ring] = x
             admitted += 1
     return head + [x for x in slots if x is not None]
@@ -86,7 +95,7 @@ def test_fifo_evicts_oldest_and_keeps_pinned():
 def test_duplicates_padding_and_out_of_range_are_ignored():
     pool = ActiveVocabPool(1, V, 100)
     pool.seed("a", [7, 7, -1, V, V + 100, 3, 7, V - 1])
-    assert pool.active_list("a") == [3, 7, V - 1]
+    assert pool.active_list("a") == [7, 3, V - 1]  # order of first arrival
 
 
 def test_lifecycle_allocate_free_reuse_and_full():
@@ -148,3 +157,52 @@ def test_nbytes_reported():
 def test_bad_arguments(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         ActiveVocabPool(**kwargs)
+
+
+def test_full_set_keeps_order_of_arrival_not_lowest_ids():
+    # the old pool sorted each batch, so a full set kept the LOWEST ids ([1, 3, 5, 700])
+    pool = ActiveVocabPool(1, V, 4)
+    pool.seed("a", [900, 800, 700, 5, 3, 1])
+    assert pool.active_list("a") == [900, 800, 700, 5]
+    assert int(pool.dropped[0]) == 2
+    assert pool.contains(torch.tensor([0]), torch.tensor([[900, 1, 3]])).tolist() == [[True, False, False]]
+
+
+def test_full_set_arrival_order_per_row_in_a_batch_with_duplicates():
+    pool = ActiveVocabPool(2, V, 5, pinned_ids=[42])
+    a, b = pool.allocate("a"), pool.allocate("b")
+    pool.extend(torch.tensor([b, a]), torch.tensor([[9, 42, 9, 8, 7, 6, 5, 4], [-1, 300, 200, 300, 100, 1, 0, 2]]))
+    assert pool.active_list("b") == [42, 9, 8, 7, 6]  # pinned 42 and the duplicate 9 take no room
+    assert pool.active_list("a") == [42, 300, 200, 100, 1]
+    assert int(pool.dropped[b]) == 2 and int(pool.dropped[a]) == 2
+
+
+def test_fifo_admits_in_arrival_order():
+    pool = ActiveVocabPool(1, 1000, 4, policy="fifo")
+    s = pool.seed("a", [50, 40, 30])
+    pool.extend(torch.tensor([s]), torch.tensor([[20, 10]]))  # 20 fills the set, 10 evicts the oldest (50)
+    assert sorted(pool.active_list("a")) == [10, 20, 30, 40]
+    assert pool.contains(torch.tensor([s]), torch.tensor([[50]])).tolist() == [[False]]
+
+
+def test_free_resets_dropped_counter():
+    pool = ActiveVocabPool(1, V, 4)
+    pool.seed("a", list(range(10)))
+    assert int(pool.dropped[0]) == 6
+    assert pool.free("a")
+    assert int(pool.dropped[0]) == 0  # a finished request must not keep counting
+    pool.seed("b", [1, 2])
+    assert int(pool.dropped[0]) == 0
+
+
+def test_extend_order_fixed_op_count_no_sync():
+    # the same ops whatever the data: a CPU profile of two extends with different contents has the same op list
+    def ops(rows):
+        pool = ActiveVocabPool(2, V, 6)
+        pool.allocate("a")
+        pool.allocate("b")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            pool.extend(torch.tensor([0, 1]), torch.tensor(rows))
+        return [e.name for e in prof.events() if e.name.startswith("aten::")]
+
+    assert ops([[1, 2, 3, 4, 5, 6, 7, 8], [-1] * 8]) == ops([[9, 9, 9, 1, 1, 1, 0, V + 3], [5, 4, 3, 2, 1, 0, 7, 8]])

@@ -1,0 +1,41 @@
+"""Hot-set files: ranking, writing, loading back through the config loader; the shipped file's shape."""
+
+from pathlib import Path
+
+import pytest
+
+from nanospec_vllm.config import load_hot_set, parse_config
+from nanospec_vllm.tools.hotset import rank_ids, write_hot_set
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ROOT / "configs" / "hot" / "qwen2.5-hot.txt"
+
+
+def test_rank_by_count_then_secondary_then_id_and_fill():
+    ids = rank_ids([5, 5, 5, 9, 9, 2, 2, 50], [2, 2, 7, 50], vocab_size=12, size=8)
+    # 5 (3x), then 2 and 9 (2x; 2 wins on the secondary count), then 50 is out of range, then 7 (secondary only),
+    # then the lowest unseen ids fill up to `size`
+    assert ids == [5, 2, 9, 7, 0, 1, 3, 4]
+    assert len(set(ids)) == len(ids)
+
+
+def test_write_and_load_roundtrip(tmp_path):
+    p = tmp_path / "hot.txt"
+    write_hot_set(p, [10, 3, 7, 3], ["made by a test", "second line"])
+    text = p.read_text()
+    assert text.startswith("# made by a test\n# second line\n10\n")
+    assert load_hot_set(str(p)) == [10, 3, 7]
+    assert load_hot_set(str(p), 2) == [10, 3]
+    cfg = parse_config({"hot_set_path": str(p), "hot_set_size": 2, "capacity": 16})
+    assert cfg.hot_set() == [10, 3]
+
+
+def test_shipped_hot_set():
+    if not SHIPPED.is_file():
+        pytest.fail(f"{SHIPPED} missing: run `nanospec build-hot-set`")
+    header = [line for line in SHIPPED.read_text().splitlines() if line.startswith("#")]
+    assert any("nanospec build-hot-set" in h for h in header) and any("Date:" in h for h in header)
+    ids = load_hot_set(str(SHIPPED))
+    assert len(ids) >= 32768 and all(0 <= i < 151_936 for i in ids)
+    # a frequency ranking, not id order: the first ids are not simply 0, 1, 2, ...
+    assert ids[:64] != list(range(64))
