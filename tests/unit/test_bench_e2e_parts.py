@@ -1,0 +1,234 @@
+"""The pure parts of ``nanospec bench e2e`` (no vLLM, no models): task loading, configuration resolution,
+aggregation over repeats and markdown rendering."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nanospec_vllm.tools.bench import e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _write_spec_bench(path: Path) -> Path:
+    rows = []
+    for cat in e2e.MT_BENCH_CATEGORIES:
+        rows += [{"category": cat, "turns": [f"{cat}-{i} first", f"{cat}-{i} second"]} for i in range(2)]
+    for cat in ("translation", "summarization", "qa", "math_reasoning", "rag"):
+        rows += [{"category": cat, "turns": [f"{cat}-{i}"]} for i in range(5)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_load_tasks_groups_counts_and_mt_bench_spread(tmp_path):
+    sb = _write_spec_bench(tmp_path / "q.jsonl")
+    groups = e2e.load_tasks(sb, limit=3)
+    assert [g["task"] for g in groups] == list(e2e.TASK_GROUPS)
+    assert all(len(g["prompts"]) == 3 for g in groups)
+    by = {g["task"]: g["prompts"] for g in groups}
+    # first turn only; mt_bench round-robin over its sub-categories in their order
+    assert by["mt_bench"] == ["writing-0 first", "roleplay-0 first", "reasoning-0 first"]
+    assert by["qa"] == ["qa-0", "qa-1", "qa-2"]
+    assert all(p.startswith(e2e.HUMANEVAL_INSTRUCTION) and "def " in p for p in by["humaneval"])
+    # more than the 8 sub-categories: the second question of each comes next
+    mt = e2e.load_tasks(sb, limit=10, groups=["mt_bench"])[0]["prompts"]
+    assert len(set(mt)) == 10 and mt[8:] == ["writing-1 first", "roleplay-1 first"]
+    only = e2e.load_tasks(sb, limit=1, groups=["rag", "humaneval"])
+    assert [(g["task"], len(g["prompts"])) for g in only] == [("rag", 1), ("humaneval", 1)]
+
+
+def test_load_tasks_real_spec_bench_when_present():
+    if not e2e.DEFAULT_SPEC_BENCH.is_file():
+        pytest.skip(f"no Spec-Bench file at {e2e.DEFAULT_SPEC_BENCH}")
+    groups = e2e.load_tasks(e2e.DEFAULT_SPEC_BENCH, limit=8, groups=list(e2e.SPEC_BENCH_GROUPS))
+    assert [len(g["prompts"]) for g in groups] == [8] * 6
+    assert len(set(groups[0]["prompts"])) == 8  # one from each MT-bench sub-category
+
+
+def test_load_tasks_errors(tmp_path):
+    with pytest.raises(e2e.BenchError, match="unknown task group"):
+        e2e.load_tasks(tmp_path / "q.jsonl", groups=["mtbench"])
+    with pytest.raises(e2e.BenchError, match="NANOSPEC_SPEC_BENCH"):
+        e2e.load_tasks(tmp_path / "missing.jsonl", groups=["qa"])
+
+
+def test_prompt_file(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a", "task": "x"}\n{"prompt": "b"}\n\n{"prompt": "c", "task": "x"}\n')
+    assert e2e.load_prompt_file(f, limit=5) == [{"task": "x", "prompts": ["a", "c"]},
+                                                {"task": "custom", "prompts": ["b"]}]
+    assert e2e.load_prompt_file(f, limit=1)[0]["prompts"] == ["a"]
+    f.write_text('{"text": "a"}\n')
+    with pytest.raises(e2e.BenchError, match=r"p.jsonl:1"):
+        e2e.load_prompt_file(f, limit=1)
+
+
+def test_resolve_named_configs(tmp_path):
+    assert e2e.resolve_config("no-spec") == {"name": "no-spec", "method": None, "nanospec": None}
+    assert e2e.resolve_config("full-head", "eagle3")["method"] == "eagle3"
+    shipped = e2e.shipped_nanospec_block()
+    ns = e2e.resolve_config("nanospec")
+    assert ns["method"] == "draft_model"
+    for k, v in shipped.items():  # the shipped file, read now, with every key validated
+        assert ns["nanospec"][k] == (list(v) if isinstance(v, tuple) else v), k
+    paper = e2e.resolve_config("paper")["nanospec"]
+    assert (paper["target_topk"], paper["prompt_topk"], paper["add_draft_tokens"], paper["capacity"],
+            paper["hot_set_path"]) == (3, True, True, 3072, None)
+    spec = e2e.speculative_config(e2e.resolve_config("paper"), "/d", 5)
+    assert spec == {"method": "draft_model", "model": "/d", "num_speculative_tokens": 5, "nanospec": paper}
+    assert e2e.speculative_config(e2e.resolve_config("full-head"), "/d", 4) == {
+        "method": "draft_model", "model": "/d", "num_speculative_tokens": 4}
+    assert e2e.speculative_config(e2e.resolve_config("no-spec"), "/d", 4) is None
+
+
+def test_resolve_aliases_and_variants(tmp_path):
+    for alias, base in (("eagle-full", "full-head"), ("eagle-nanospec", "nanospec"), ("eagle-paper", "paper")):
+        a, b = e2e.resolve_config(alias, "draft_model"), e2e.resolve_config(base, "eagle")
+        assert a["method"] == "eagle" and a["nanospec"] == b["nanospec"] and a["name"] == alias
+    v = e2e.resolve_config("nanospec:target_topk=16;capacity=4096;prompt_topk=true")
+    base = e2e.resolve_config("nanospec")["nanospec"]
+    assert v["nanospec"] == dict(base, target_topk=16, capacity=4096, prompt_topk=True)
+    assert e2e.resolve_config("paper:always_active_ids=[5,7]")["nanospec"]["always_active_ids"] == [5, 7]
+    assert e2e.split_configs("no-spec, nanospec:always_active_ids=[1,2];target_topk=8,paper") == [
+        "no-spec", "nanospec:always_active_ids=[1,2];target_topk=8", "paper"]
+    with pytest.raises(e2e.BenchError, match="unknown config"):
+        e2e.resolve_config("eagle-no-spec")
+    with pytest.raises(e2e.BenchError, match="unknown config"):
+        e2e.resolve_config("nano")
+    with pytest.raises(e2e.BenchError, match="only NanoSpec configurations"):
+        e2e.resolve_config("full-head:capacity=5")
+    with pytest.raises(e2e.BenchError, match="KEY=VAL"):
+        e2e.resolve_config("nanospec:capacity")
+    with pytest.raises(e2e.BenchError, match=r"target_topk"):
+        e2e.resolve_config("nanospec:target_topk=-1")
+    with pytest.raises(e2e.BenchError, match=r"unknown key"):
+        e2e.resolve_config("nanospec:topk=3")
+
+
+def test_static_32k(tmp_path):
+    missing = tmp_path / "none.txt"
+    with pytest.raises(e2e.BenchError) as ei:
+        e2e.resolve_config("static-32k", hot_set=missing)
+    assert str(missing) in str(ei.value) and "nanospec build-hot-set" in str(ei.value)
+    with pytest.raises(e2e.BenchError, match="nanospec build-hot-set"):
+        e2e.resolve_config("eagle-static-32k", hot_set=missing)
+    ranked = tmp_path / "hot.txt"
+    ranked.write_text("\n".join(str(i) for i in range(40_000)) + "\n")
+    cfg = e2e.resolve_config("static-32k", hot_set=ranked)["nanospec"]
+    assert (cfg["hot_set_path"], cfg["hot_set_size"], cfg["capacity"], cfg["target_topk"], cfg["seed_from_prompt"],
+            cfg["add_draft_tokens"]) == (str(ranked), 32768, 32769, 0, False, False)
+    assert e2e.resolve_config("eagle-static-32k", hot_set=ranked)["method"] == "eagle"
+
+
+def _rep(rnd, tps, **kw):
+    base = {"round": rnd, "tokens_per_s": tps, "tau": None, "accept_rate": None, "coverage": None,
+            "mean_active": None, "draft_ms_per_step": None, "step_ms": 10.0, "steps": 5, "tokens": 8,
+            "wall_s": 8 / tps, "requests": 1, "output_hash": "h"}
+    base.update(kw)
+    return base
+
+
+def test_aggregate_medians_and_paired_ratios():
+    reps = {
+        ("qa", "no-spec", "none", 1, 0): [_rep(0, 10.0), _rep(1, 20.0), _rep(2, 12.0)],
+        ("qa", "full-head", "draft_model", 1, 4): [_rep(0, 20.0, tau=3.0), _rep(1, 40.0, tau=3.0),
+                                                   _rep(2, 24.0, tau=3.5)],
+        ("qa", "nanospec", "draft_model", 1, 4): [_rep(0, 10.0, tau=2.0, coverage=0.5),
+                                                 _rep(1, 30.0, tau=2.5, coverage=0.7),
+                                                 _rep(2, 18.0, tau=2.0, coverage=0.6, output_hash="other")],
+    }
+    rows = {r["config"]: r for r in e2e.aggregate(reps)}
+    assert rows["no-spec"]["tokens_per_s"] == 12.0 and rows["no-spec"]["speed_vs_no_spec"] == 1.0
+    fh, ns = rows["full-head"], rows["nanospec"]
+    assert fh["tau"] == 3.0 and fh["speed_vs_full_head"] == 1.0 and fh["speed_vs_no_spec"] == 2.0
+    # per-round ratios 0.5, 0.75, 0.75 -> median 0.75 (the ratio of medians would be 18/24 = 0.75 too; check rounds)
+    assert [r["speed_vs_full_head"] for r in ns["repeats"]] == [0.5, 0.75, 0.75]
+    assert ns["speed_vs_full_head"] == 0.75 and ns["coverage"] == 0.6 and ns["tau"] == 2.0
+    assert ns["output_hash"] == ["h", "other"]  # differing repeats are visible
+    assert len(ns["repeats"]) == 3 and ns["k"] == 4 and ns["batch"] == 1 and ns["method"] == "draft_model"
+    summ = {s["config"]: s for s in e2e.summarize(list(rows.values()))}
+    assert summ["nanospec"]["task"] == "median" and summ["nanospec"]["speed_vs_full_head"] == 0.75
+
+
+def test_aggregate_eagle_alias_pairs_with_eagle_full():
+    reps = {("qa", "eagle-full", "eagle", 1, 4): [_rep(0, 10.0)],
+            ("qa", "eagle-nanospec", "eagle", 1, 4): [_rep(0, 15.0)],
+            ("qa", "full-head", "draft_model", 1, 4): [_rep(0, 100.0)]}
+    rows = {r["config"]: r for r in e2e.aggregate(reps)}
+    assert rows["eagle-nanospec"]["speed_vs_full_head"] == 1.5
+    assert rows["eagle-nanospec"]["speed_vs_no_spec"] is None
+
+
+def test_group_metrics():
+    g = {"wall_s": 2.0, "n_tokens": 40, "outputs": [[1, 2], [3]],
+         "spec": {"vllm:spec_decode_num_drafts": 10, "vllm:spec_decode_num_accepted_tokens": 15,
+                  "vllm:spec_decode_num_draft_tokens": 40},
+         "nanospec": {"target": 20, "covered": 15, "size_sum": 1000, "size_n": 10},
+         "timers": {"steps": 10, "execute_s": 0.5, "sample_s": 0.5, "propose_s": 0.3}}
+    m = e2e.group_metrics(g, spec=True)
+    assert m["tokens_per_s"] == 20.0 and m["tau"] == 2.5 and m["accept_rate"] == 0.375
+    assert m["coverage"] == 0.75 and m["mean_active"] == 100.0
+    assert m["draft_ms_per_step"] == pytest.approx(30.0) and m["step_ms"] == pytest.approx(100.0)
+    assert m["requests"] == 2 and m["output_hash"] == e2e.output_hash([[1, 2], [3]])
+    none = e2e.group_metrics(dict(g, nanospec=None, spec={}), spec=False)
+    assert none["tau"] is None and none["coverage"] is None and none["draft_ms_per_step"] is None
+
+
+def test_check_identity():
+    def res(outs):
+        return {"groups": [{"task": "qa", "batch": 1, "outputs": outs}]}
+
+    raw = {("no-spec", "none", 0): {0: res([[1, 2, 3]]), 1: res([[1, 2, 3]])},
+           ("nanospec", "draft_model", 4): {0: res([[1, 2, 3]]), 1: res([[1, 9, 3]])}}
+    bad, checked = e2e.check_identity(raw)
+    assert checked and len(bad) == 1
+    assert bad[0]["config"] == "nanospec" and bad[0]["round"] == 1 and bad[0]["first_diff"] == 1
+    assert e2e.check_identity({("nanospec", "draft_model", 4): {0: res([[1]])}}) == ([], False)
+
+
+FIXED = {
+    "header": {"command": "nanospec bench e2e --x", "date": "2026-01-01", "machine": {"cpu": "cpu", "cpu_count": 2},
+               "models": {"target": "t", "draft": "d"}, "settings": {"max_tokens": 8, "repeats": 1},
+               "versions": {}},
+    "rows": [
+        {"task": "qa", "config": "no-spec", "method": "none", "batch": 1, "k": 0, "tokens_per_s": 10.0,
+         "tau": None, "coverage": None, "mean_active": None, "draft_ms_per_step": None, "step_ms": 100.0,
+         "speed_vs_full_head": None, "speed_vs_no_spec": 1.0},
+        {"task": "qa", "config": "full-head", "method": "draft_model", "batch": 1, "k": 4, "tokens_per_s": 20.0,
+         "tau": 3.0, "coverage": None, "mean_active": None, "draft_ms_per_step": 50.0, "step_ms": 150.0,
+         "speed_vs_full_head": 1.0, "speed_vs_no_spec": 2.0},
+        {"task": "qa", "config": "nanospec", "method": "draft_model", "batch": 1, "k": 4, "tokens_per_s": 15.0,
+         "tau": 2.5, "coverage": 0.8125, "mean_active": 123.4, "draft_ms_per_step": 40.0, "step_ms": 140.0,
+         "speed_vs_full_head": 0.75, "speed_vs_no_spec": 1.5},
+    ],
+}
+
+
+def test_render_markdown_from_fixed_json(tmp_path, capsys):
+    md = e2e.render_markdown(FIXED)
+    assert "## draft_model, K=4, batch 1" in md
+    head = next(line for line in md.splitlines() if line.startswith("| task |"))
+    assert head.startswith("| task | no-spec tok/s | no-spec step ms | full-head tok/s | full-head tau |")
+    assert "nanospec coverage | nanospec mean active | nanospec draft ms/step" in head
+    assert "no-spec coverage" not in head and "full-head coverage" not in head
+    assert "| qa | 10.00 | 100.0 | 20.00 | 3.00 | 50.0 | 150.0 | 1.00x | 15.00 | 2.50 | 81.2% | 123 | 40.0 | " \
+           "140.0 | 0.75x |" in md
+    assert "| **median** | 10.00 |" in md and "MISMATCH" not in md
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(dict(FIXED, mismatches=[{"config": "nanospec"}])))
+    assert e2e.main(["--markdown", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "## draft_model, K=4, batch 1" in out and "1 OUTPUT MISMATCHES" in out
+
+
+def test_cli_dispatch_and_bad_options(capsys):
+    from nanospec_vllm import cli
+
+    assert cli.main(["bench", "e2e", "--k", "0", "--model", str(ROOT), "--draft", str(ROOT)]) == 2
+    assert "--k" in capsys.readouterr().err
+    assert cli.main(["bench", "e2e", "--configs", "bogus", "--model", str(ROOT), "--draft", str(ROOT),
+                     "--prompts", str(ROOT / "nope.jsonl")]) == 2
+    assert "prompt file not found" in capsys.readouterr().err
