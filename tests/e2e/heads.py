@@ -70,20 +70,9 @@ def make_eagle3_head(dest: Path, seed: int = 0, reduced: bool = True) -> Path:
 
 
 def make_eagle_head(dest: Path, seed: int = 1) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    cfg = _base_config("LlamaForCausalLM")
-    g = torch.Generator().manual_seed(seed)
-    t = {
-        "fc.weight": _w(g, H, 2 * H),
-        "layers.0.self_attn.q_proj.weight": _w(g, HEADS * HD, H),
-        "layers.0.self_attn.k_proj.weight": _w(g, KV * HD, H),
-        "layers.0.self_attn.v_proj.weight": _w(g, KV * HD, H),
-        "layers.0.self_attn.o_proj.weight": _w(g, H, HEADS * HD),
-        "layers.0.mlp.gate_proj.weight": _w(g, INTER, H),
-        "layers.0.mlp.up_proj.weight": _w(g, INTER, H),
-        "layers.0.mlp.down_proj.weight": _w(g, H, INTER),
-        "layers.0.post_attention_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
-    }
-    save_file(t, str(dest / "model.safetensors"))
-    (dest / "config.json").write_text(json.dumps(cfg, indent=1))
-    return dest
+    """Random EAGLE-1 head, written by the trainer's checkpoint writer (``nanospec_vllm.tools.eagle.format``)."""
+    from nanospec_vllm.tools.eagle.format import head_config, random_tensors, write_head
+
+    target = dict(_base_config("Qwen2ForCausalLM"), model_type="qwen2", num_hidden_layers=24)
+    cfg = head_config(target, intermediate_size=INTER)
+    return write_head(dest, cfg, random_tensors(cfg, seed=seed))

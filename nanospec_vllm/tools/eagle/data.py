@@ -1,0 +1,96 @@
+"""Training data for an EAGLE-1 head: the target's own greedy continuations and its features, cached on disk.
+
+1. :func:`split_prompts`: ``calibration_prompts(n_train + n_heldout, seed)`` (standard-library text and templated
+   arithmetic, no benchmark text), split into a training part and a held-out part; held-out prompts whose source
+   function also appears in the training part are dropped, so held-out acceptance is measured on unseen text.
+2. :func:`generate`: the vLLM offline engine (one child process, batched, chat template applied) generates the
+   target's greedy continuation of every training prompt (self-distillation).
+3. :func:`extract_features`: one teacher-forced transformers forward of the target over prompt + continuation
+   per sample, keeping the hidden state vLLM hands an EAGLE head: the output of the target's decoder stack
+   **after** its final norm (vLLM's ``Qwen2Model.forward`` returns ``norm(h)``; ``EagleProposer`` feeds that as
+   ``target_hidden_states``). Stored once as bf16 in ``features.safetensors`` (all samples concatenated, with
+   offsets) next to ``tokens.json``.
+
+Touches ``<work>/`` only (a folder under the head's cache). Costs (measured on a heavily shared 2-core CPU, see
+docs/benchmarks/eagle-cpu.md): vLLM generation ~12 tokens/s (batched) and the forward pass 20-85 tokens/s there;
+peak RAM is the target in bf16 (~1.3 GB) plus the features (2 x hidden bytes per token: ~1.8 kB per token for
+0.5B), and ~6 GB for the vLLM engine child during generation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..calibration import calibration_prompts
+from .engine import run_job
+
+__all__ = ["extract_features", "generate", "load_features", "split_prompts"]
+
+
+def split_prompts(n_train: int, n_heldout: int, seed: int) -> tuple[list[str], list[str]]:
+    ps = calibration_prompts(n_train + n_heldout, seed)
+    train, held = ps[:n_train], ps[n_train:]
+    seen = {p.source for p in train if p.source != "template"}
+    held = [p for p in held if p.source == "template" or p.source not in seen]
+    return [p.prompt for p in train], [p.prompt for p in held]
+
+
+def generate(target: Path, prompts: list[str], max_new_tokens: int, work: Path, max_prompt_tokens: int = 768,
+             progress: bool = True) -> dict:
+    """Greedy continuations with vLLM; writes and returns ``work/tokens.json`` ({prompt_ids, tokens, wall_s})."""
+    out = work / "tokens.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    res = run_job({"model": str(target), "prompts": prompts, "max_tokens": max_new_tokens, "max_num_seqs": 128,
+                   "max_prompt_tokens": max_prompt_tokens, "progress": progress}, log=work / "generate.log")
+    data = {"prompt_ids": res["prompt_ids"], "tokens": res["tokens"], "wall_s": res["wall_s"]}
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.rename(out)
+    return data
+
+
+def extract_features(target: Path, data: dict, work: Path, threads: int = 2, progress: bool = True) -> dict:
+    """Teacher-forced target forward per sample; writes ``work/features.safetensors`` and returns its stats."""
+    out = work / "features.safetensors"
+    if out.is_file():
+        return json.loads((work / "features.json").read_text())
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.bfloat16)
+    model.eval()
+    seqs = [p + t for p, t in zip(data["prompt_ids"], data["tokens"])]
+    feats, offsets, n = [], [0], 0
+    t0 = time.perf_counter()
+    it = enumerate(seqs)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, total=len(seqs), desc="features", unit="seq")
+    with torch.inference_mode():
+        for _, s in it:
+            ids = torch.tensor([s])
+            h = model.model(input_ids=ids).last_hidden_state[0]  # after the final norm, like vLLM's target
+            feats.append(h.to(torch.bfloat16))
+            n += len(s)
+            offsets.append(n)
+    wall = time.perf_counter() - t0
+    tmp = out.with_suffix(".tmp")
+    save_file({"features": torch.cat(feats), "ids": torch.tensor([x for s in seqs for x in s], dtype=torch.int64),
+               "offsets": torch.tensor(offsets, dtype=torch.int64),
+               "prompt_lens": torch.tensor([len(p) for p in data["prompt_ids"]], dtype=torch.int64)}, str(tmp))
+    tmp.rename(out)
+    stats = {"tokens": n, "samples": len(seqs), "wall_s": wall, "tokens_per_s": n / wall}
+    (work / "features.json").write_text(json.dumps(stats))
+    return stats
+
+
+def load_features(work: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(work / "features.safetensors"))

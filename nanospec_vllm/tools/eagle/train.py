@@ -1,0 +1,347 @@
+"""``nanospec train-eagle TARGET``: train an EAGLE-1 head for a target on this machine's CPUs; print its folder.
+
+Pipeline (each stage cached under ``$NANOSPEC_CACHE/heads/.work/<name>-<settings>/``, so a rerun resumes):
+
+1. prompts: ``calibration_prompts(prompts + heldout, seed)`` (no benchmark text), split train / held-out
+   (:mod:`.data`);
+2. data: the target's greedy continuations from the vLLM offline engine (self-distillation), then one
+   teacher-forced transformers forward per sample for the features vLLM feeds the head (after the final norm),
+   cached in bf16;
+3. training (:mod:`.model`): smooth-L1 on the next feature + 0.1 x soft cross-entropy against the target's
+   next-token distribution through the frozen lm_head, restricted to a candidate set of lm_head rows (the
+   step's actual next tokens + ``--neg`` uniform ids; its gradient against the full-vocabulary loss is measured
+   and written to the card); AdamW (0.9, 0.95), weight decay 0, warm-up + cosine learning rate, gradient
+   clipping 0.5, uniform noise U(-0.1, 0.1) on input features; deterministic for ``--seed``. The number of
+   steps is sized to ``--budget-min`` from the throughput measured on the first steps (``--steps`` fixes it);
+4. acceptance: vLLM with ``method: eagle``, 3 speculative tokens, greedy, on the held-out calibration prompts:
+   acceptance per draft position and tau = 1 + accepted / drafts;
+5. publish ``$NANOSPEC_CACHE/heads/<name>/`` atomically: ``config.json``, ``model.safetensors`` (no
+   embedding / lm_head: vLLM shares the target's), ``card.json`` and ``card.md``. A second call with the same
+   settings returns the folder at once.
+
+Costs (0.5B target, measured on a heavily shared 2-core CPU, see docs/benchmarks/eagle-cpu.md): for the
+defaults (96 prompts x 128 tokens) vLLM generation ~14 min (12 tokens/s batched) and features ~15 min (~20
+tokens/s; ~85 tokens/s measured when the machine was less loaded), training ``--budget-min`` (default 10) or
+``--max-epochs`` passes, acceptance ~3 min. Peak RAM ~3 GB (target's embedding + lm_head in bf16, the head and
+AdamW state in fp32, the features) plus ~6 GB while a vLLM engine child runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..assets import cache_root, model_path
+from .data import extract_features, generate, load_features, split_prompts
+from .engine import run_job, summarize
+from .format import head_config, write_head
+from .model import EagleHead, candidate_ids, eagle_loss
+
+CARD_FORMAT = 1
+
+
+def resolve_target(target: str) -> tuple[str, Path]:
+    p = Path(target).expanduser()
+    if p.is_dir() and (p / "config.json").is_file():
+        return p.name, p
+    folder = model_path(target)
+    if folder is None:
+        raise SystemExit(f"nanospec train-eagle: {target!r} is neither a model folder nor a prepared model; "
+                         f"run `nanospec prepare-models {target}`")
+    return target, folder
+
+
+def _shared_weights(target: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's embedding and lm_head (bf16, read straight from its safetensors; tied -> the same)."""
+    from safetensors import safe_open
+
+    emb = head = None
+    for f in sorted(target.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            keys = set(st.keys())
+            if "model.embed_tokens.weight" in keys:
+                emb = st.get_tensor("model.embed_tokens.weight").to(torch.bfloat16)
+            if "lm_head.weight" in keys:
+                head = st.get_tensor("lm_head.weight").to(torch.bfloat16)
+    if emb is None:
+        raise RuntimeError(f"no model.embed_tokens.weight in {target}")
+    return emb, emb if head is None else head
+
+
+def _settings(a: argparse.Namespace) -> dict:
+    return {"prompts": a.prompts, "heldout": a.heldout, "max_new_tokens": a.max_new_tokens, "seed": a.seed,
+            "budget_min": None if a.steps else a.budget_min, "steps": a.steps, "tokens_per_step": a.tokens_per_step,
+            "lr": a.lr,
+            "neg": a.neg, "ce_weight": a.ce_weight, "noise": a.noise, "max_epochs": a.max_epochs,
+            "threads": a.threads}
+
+
+class _Sampler:
+    """Deterministic stream of sample indices (reshuffled every epoch) grouped into ~``tokens`` per step."""
+
+    def __init__(self, lengths: list[int], tokens: int, seed: int):
+        self.lengths, self.tokens = lengths, tokens
+        self.g = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+        self.epoch = -1
+        self.seen = 0
+
+    def step(self) -> list[int]:
+        out, n = [], 0
+        while n < self.tokens:
+            if not self.order:
+                self.order = torch.randperm(len(self.lengths), generator=self.g).tolist()
+                self.epoch += 1
+            i = self.order.pop()
+            out.append(i)
+            n += self.lengths[i]
+        self.seen += n
+        return out
+
+
+def _sample_tensors(feats: dict, i: int, emb: torch.Tensor, max_len: int):
+    s, e = int(feats["offsets"][i]), int(feats["offsets"][i + 1])
+    e = min(e, s + max_len + 1)
+    ids, f = feats["ids"][s:e], feats["features"][s:e]
+    # position j: input (embed(t[j+1]), f[j]); target f[j+1]
+    return emb[ids[1:]], f[:-1], f[1:], torch.arange(e - s - 1), ids
+
+
+def _micro(head, feats, i, emb, lm_head, a, g, full: bool = False) -> dict[str, torch.Tensor]:
+    e, fin, fout, pos, ids = _sample_tensors(feats, i, emb, a.max_len)
+    fin = fin.float()
+    if a.noise > 0:
+        fin = fin + (torch.rand(fin.shape, generator=g) - 0.5) * (2 * a.noise)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+        pred = head(e.float(), fin, pos)
+    cand = None if full else candidate_ids(ids[2:], lm_head.shape[0], a.neg, g)
+    return eagle_loss(pred.float(), fout.float(), lm_head, a.ce_weight, cand)
+
+
+def _grad_vector(head) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in head.parameters() if p.grad is not None])
+
+
+def measure_equivalence(head, feats, idx, emb, lm_head, a, seed: int) -> dict:
+    """Loss and gradient of the restricted vs the full-vocabulary cross-entropy on the same samples.
+
+    Samples are cut to 256 positions and the feature noise is off, so both losses see the same inputs and the
+    full-vocabulary logits stay small in memory (~150 MB per sample).
+    """
+    a = argparse.Namespace(**dict(vars(a), max_len=min(a.max_len, 256), noise=0.0))
+    out = {}
+    for full in (True, False):
+        head.zero_grad(set_to_none=True)
+        g = torch.Generator().manual_seed(seed)
+        tot = {"ce": 0.0, "acc": 0.0}
+        t0 = time.perf_counter()
+        for i in idx:
+            r = _micro(head, feats, i, emb, lm_head, a, g, full=full)
+            (r["ce"] / len(idx)).backward()
+            tot["ce"] += r["ce"].item() / len(idx)
+            tot["acc"] += r["acc"].item() / len(idx)
+        key = "full" if full else "restricted"
+        out[key] = dict(tot, wall_s=time.perf_counter() - t0, grad=_grad_vector(head).clone())
+    gf, gr = out["full"].pop("grad"), out["restricted"].pop("grad")
+    out["grad_cosine"] = float(torch.nn.functional.cosine_similarity(gf, gr, dim=0))
+    out["grad_norm_ratio"] = float(gr.norm() / gf.norm())
+    head.zero_grad(set_to_none=True)
+    return out
+
+
+def train(a: argparse.Namespace, cfg: dict, feats: dict, emb: torch.Tensor, lm_head: torch.Tensor,
+          progress: bool = True) -> tuple[dict, dict]:
+    torch.manual_seed(a.seed)
+    torch.set_num_threads(a.threads)
+    head = EagleHead(cfg)
+    with torch.no_grad():  # start near "next feature = this feature" (fc passes the feature through)
+        for p in head.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.02)
+        h = cfg["hidden_size"]
+        head.fc.weight[:, h:] += torch.eye(h)
+    lengths = [min(int(feats["offsets"][i + 1] - feats["offsets"][i]), a.max_len + 1) - 1
+               for i in range(len(feats["offsets"]) - 1)]
+    n_tokens = sum(lengths)
+    g = torch.Generator().manual_seed(a.seed + 1)
+    eq_idx = list(range(min(2, len(lengths))))
+    eq_before = measure_equivalence(head, feats, eq_idx, emb, lm_head, a, a.seed + 2)
+    opt = torch.optim.AdamW(head.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sampler = _Sampler(lengths, a.tokens_per_step, a.seed)
+    budget_s = a.budget_min * 60
+    steps = a.steps
+    warm = 3  # steps timed to size the run when --steps is not given
+    curve, step, t_start = [], 0, time.perf_counter()
+    t_measure = None
+    bar = None
+    total_steps = steps or 10**9
+    stopped_early = False
+    while step < total_steps:
+        if steps is None and time.perf_counter() - t_start > 1.25 * budget_s:
+            stopped_early = True  # the machine slowed down after sizing: keep the wall budget
+            break
+        if steps is None and step == warm:
+            el = time.perf_counter() - t_start
+            tps = sampler.seen / el
+            max_steps = int(a.max_epochs * n_tokens / a.tokens_per_step)
+            total_steps = max(step + 1, min(max_steps, int(budget_s * tps / a.tokens_per_step)))
+            t_measure = {"tokens_per_s": tps, "steps": total_steps}
+            if progress:
+                print(f"train-eagle: {tps:.0f} tokens/s measured -> {total_steps} steps of ~{a.tokens_per_step} "
+                      f"tokens ({total_steps * a.tokens_per_step / n_tokens:.2f} epochs of {n_tokens} tokens)",
+                      file=sys.stderr, flush=True)
+        if progress and bar is None and total_steps < 10**9:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total_steps, initial=step, desc="train", unit="step")
+        warm_lr = min(1.0, (step + 1) / 10)
+        frac = step / max(1, total_steps) if total_steps < 10**9 else 0.0
+        lr = a.lr * warm_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        idx = sampler.step()
+        ntok = sum(lengths[i] for i in idx)
+        agg = {"loss": 0.0, "l1": 0.0, "ce": 0.0, "acc": 0.0}
+        for i in idx:
+            r = _micro(head, feats, i, emb, lm_head, a, g)
+            (r["loss"] * (lengths[i] / ntok)).backward()
+            for k in agg:
+                agg[k] += r[k].item() * lengths[i] / ntok
+        gn = float(torch.nn.utils.clip_grad_norm_(head.parameters(), 0.5))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        curve.append({"step": step, "tokens": sampler.seen, "t_s": round(time.perf_counter() - t_start, 1),
+                      "lr": lr, "grad_norm": gn, **{k: round(v, 5) for k, v in agg.items()}})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{agg['loss']:.3f}", l1=f"{agg['l1']:.3f}", ce=f"{agg['ce']:.2f}",
+                            acc=f"{agg['acc']:.2f}")
+    if bar is not None:
+        bar.close()
+    wall = time.perf_counter() - t_start
+    eq_after = measure_equivalence(head, feats, eq_idx, emb, lm_head, a, a.seed + 2)
+    stats = {"steps": step, "train_wall_s": wall, "token_passes": sampler.seen, "epochs": sampler.seen / n_tokens,
+             "data_tokens": n_tokens, "tokens_per_s": sampler.seen / wall, "sizing": t_measure,
+             "stopped_early_at_1.25x_budget": stopped_early,
+             "loss_equivalence": {"at_init": eq_before, "after_training": eq_after}, "curve": curve}
+    return {k: v.detach() for k, v in head.state_dict().items()}, stats
+
+
+def _card_md(card: dict) -> str:
+    t, d, acc = card["training"], card["data"], card["acceptance_heldout"]
+    lines = [f"# EAGLE-1 head for {card['target']}", "",
+             f"- data: {d['source']}",
+             (f"- prompts: {d['train_prompts']} train (seed {card['settings']['seed']}), "
+              f"{d['heldout_prompts']} held out; {d['data_tokens']} tokens (prompt + continuation), "
+              f"{d['generated_tokens']} generated"),
+             (f"- training: {t['steps']} steps, {t['token_passes']} token passes ({t['epochs']:.2f} epochs), "
+              f"{t['train_wall_s'] / 60:.1f} min, {t['tokens_per_s']:.0f} tokens/s"),
+             (f"- held-out acceptance (vLLM, eagle, k=3, greedy): tau {acc['tau']}, per position "
+              f"{[round(x, 3) for x in acc['accept_per_pos']]}"), "", "| step | loss | smooth-L1 | CE | top-1 |",
+             "|---|---|---|---|---|"]
+    curve = t["curve"]
+    pick = sorted({0, len(curve) - 1, *range(0, len(curve), max(1, len(curve) // 10))})
+    for i in pick:
+        c = curve[i]
+        lines.append(f"| {c['step']} | {c['loss']:.4f} | {c['l1']:.4f} | {c['ce']:.3f} | {c['acc']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nanospec train-eagle", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", help="prepared model name (qwen2.5-coder-0.5b) or a model folder")
+    p.add_argument("--budget-min", type=float, default=10.0, help="training wall budget in minutes (default 10)")
+    p.add_argument("--prompts", type=int, default=96, help="training prompts (default 96)")
+    p.add_argument("--heldout", type=int, default=48, help="held-out calibration prompts (acceptance on the first 16 kept)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="generated tokens per prompt (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="fix the number of steps (default: sized to budget)")
+    p.add_argument("--tokens-per-step", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--neg", type=int, default=2048, help="uniform negative lm_head rows per sample")
+    p.add_argument("--ce-weight", type=float, default=0.1)
+    p.add_argument("--noise", type=float, default=0.1, help="half-width of the uniform feature noise")
+    p.add_argument("--max-epochs", type=float, default=8.0, help="cap on passes over the data (small data overfits)")
+    p.add_argument("--max-len", type=int, default=1024, help="tokens per sample used in training")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 2))
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 head forward (default: bf16 autocast)")
+    p.add_argument("--out", default=None, help="head folder (default $NANOSPEC_CACHE/heads/<name>)")
+    p.add_argument("--force", action="store_true", help="retrain even if the head exists")
+    p.add_argument("--quick", action="store_true", help="toy size for tests: 6 prompts, 24 tokens, 4 steps")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def train_eagle(argv: list[str]) -> Path:
+    a = build_parser().parse_args(argv)
+    if a.quick:
+        a.prompts, a.heldout, a.max_new_tokens, a.steps, a.tokens_per_step, a.neg = 6, 4, 24, 4, 256, 256
+    name, target = resolve_target(a.target)
+    head_name = f"eagle1-{name}" + ("-quick" if a.quick else "")
+    out = Path(a.out).expanduser() if a.out else cache_root() / "heads" / head_name
+    settings = _settings(a)
+    card_path = out / "card.json"
+    if card_path.is_file() and not a.force:
+        card = json.loads(card_path.read_text())
+        if card.get("settings") == settings and card.get("format") == CARD_FORMAT:
+            return out
+        raise SystemExit(f"nanospec train-eagle: {out} holds a head trained with other settings; pass --force "
+                         "to retrain it or --out for another folder")
+    progress = not a.quiet
+    t0 = time.perf_counter()
+    tag = f"{head_name}-p{a.prompts}-n{a.max_new_tokens}-s{a.seed}"
+    work = cache_root() / "heads" / ".work" / tag
+    train_prompts, held = split_prompts(a.prompts, a.heldout, a.seed)
+    t_gen = time.perf_counter()
+    data = generate(target, train_prompts, a.max_new_tokens, work, progress=progress)
+    gen_s = time.perf_counter() - t_gen
+    fstats = extract_features(target, data, work, threads=a.threads, progress=progress)
+    tcfg = json.loads((target / "config.json").read_text())
+    cfg = head_config(tcfg)
+    emb, lm_head = _shared_weights(target)
+    feats = load_features(work)
+    tensors, tstats = train(a, cfg, feats, emb, lm_head, progress=progress)
+    del feats, emb, lm_head
+    # acceptance on held-out calibration prompts: write a provisional head, measure, then publish with the card
+    tmp_head = write_head(work / "head", cfg, tensors)
+    mnt = 32 if a.quick else 64
+    held = held[:16]
+    res = run_job({"model": str(target), "prompts": held, "max_tokens": mnt,
+                   "spec": {"method": "eagle", "model": str(tmp_head), "num_speculative_tokens": 3}})
+    acc = dict(summarize(res["metrics"]), prompts=len(held), max_tokens=mnt,
+               generated_tokens=sum(map(len, res["tokens"])))
+    card = {"format": CARD_FORMAT, "kind": "eagle1", "target": name, "target_folder": str(target),
+            "settings": settings, "config": {k: cfg[k] for k in ("hidden_size", "intermediate_size",
+                                                                 "num_attention_heads", "num_key_value_heads")},
+            "parameters": sum(int(t.numel()) for t in tensors.values()),
+            "data": {"source": "target's greedy continuations (vLLM, chat template) of "
+                               f"nanospec_vllm.tools.calibration.calibration_prompts({a.prompts + a.heldout}, "
+                               f"seed={a.seed}) (standard-library docstrings/code + templated arithmetic; "
+                               "no benchmark text); the first prompts train, the rest are held out",
+                     "train_prompts": len(train_prompts), "heldout_prompts": len(held),
+                     "generated_tokens": sum(map(len, data["tokens"])), "data_tokens": fstats["tokens"],
+                     "generation_wall_s": data["wall_s"], "generation_total_s": gen_s,
+                     "features_wall_s": fstats["wall_s"], "features_tokens_per_s": fstats["tokens_per_s"]},
+            "training": tstats, "acceptance_heldout": acc, "total_wall_s": time.perf_counter() - t0,
+            "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {a.threads} threads (shared)"}
+    card["total_wall_s"] = time.perf_counter() - t0
+    write_head(out, cfg, tensors, {"card.json": json.dumps(card, indent=1) + "\n", "card.md": _card_md(card)})
+    return out
+
+
+def main(argv: list[str]) -> int:
+    print(train_eagle(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
