@@ -216,7 +216,8 @@ def parse_config(data: Any, prefix: str = "nanospec") -> NanoSpecConfig:
 
 
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML or JSON file into a dict (the whole speculative config, ``nanospec:`` block included)."""
+    """Read a YAML or JSON file into a dict (the whole speculative config, ``nanospec:`` block included). A
+    relative ``nanospec.hot_set_path`` is resolved against the file's folder."""
     p = Path(path)
     if not p.is_file():
         raise NanoSpecConfigError(f"config file not found: {p}")
@@ -234,6 +235,11 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise NanoSpecConfigError(f"{p}: top level must be a mapping (got {type(data).__name__})")
+    block = data.get("nanospec")
+    if isinstance(block, dict) and isinstance(block.get("hot_set_path"), str):
+        # a relative hot-set path means "beside this file", wherever the server is started from
+        hot = expand_value(block["hot_set_path"])
+        block["hot_set_path"] = hot if os.path.isabs(hot) else str((p.parent / hot).resolve())
     return data
 
 

@@ -105,3 +105,24 @@ def test_every_key_documented():
     doc = (ROOT / "docs" / "configuration.md").read_text()
     missing = [k for k in NanoSpecConfig.model_fields if f"`{k}`" not in doc]
     assert not missing, f"keys not documented in docs/configuration.md: {missing}"
+
+
+def test_relative_hot_set_path_is_beside_the_file(tmp_path, monkeypatch) -> None:
+    from nanospec_vllm.config import load_config_file, split_speculative_config
+
+    (tmp_path / "hot").mkdir()
+    (tmp_path / "hot" / "ids.txt").write_text("1\n2\n3\n")
+    f = tmp_path / "spec.yaml"
+    f.write_text("method: draft_model\nnanospec:\n  hot_set_path: hot/ids.txt\n  hot_set_size: 2\n")
+    monkeypatch.chdir("/")  # started from anywhere else
+    _, ns = split_speculative_config(load_config_file(f))
+    assert ns.hot_set_path == str(tmp_path / "hot" / "ids.txt") and ns.hot_set() == [1, 2]
+
+
+def test_shipped_default_hot_set_loads() -> None:
+    from pathlib import Path
+
+    from nanospec_vllm.config import load_config_file, parse_config
+
+    cfg = parse_config(load_config_file(Path(__file__).resolve().parents[2] / "configs" / "nanospec.yaml")["nanospec"])
+    assert cfg.target_topk == 64 and len(cfg.hot_set()) == 512 and all(0 <= i < 151_665 for i in cfg.hot_set())

@@ -103,12 +103,10 @@ class Policy:
 
 
 def _defaults_policy(path: Path | None = None) -> Policy:
-    import yaml
-
-    from ...config import parse_config
+    from ...config import load_config_file, parse_config
 
     path = path or Path(__file__).resolve().parents[3] / "configs" / "nanospec.yaml"
-    cfg = parse_config((yaml.safe_load(path.read_text()) or {}).get("nanospec"))
+    cfg = parse_config(load_config_file(path).get("nanospec"))
     hot = len(cfg.hot_set()) if cfg.hot_set_path else 0
     return Policy("defaults", capacity=cfg.capacity, target_topk=cfg.target_topk, prompt_topk=cfg.prompt_topk,
                   seed_from_prompt=cfg.seed_from_prompt, add_draft_tokens=cfg.add_draft_tokens, hot=hot,
