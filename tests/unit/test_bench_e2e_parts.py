@@ -186,7 +186,26 @@ def test_check_identity():
     bad, checked = e2e.check_identity(raw)
     assert checked and len(bad) == 1
     assert bad[0]["config"] == "nanospec" and bad[0]["round"] == 1 and bad[0]["first_diff"] == 1
+    assert bad[0]["against"] == "no-spec"  # no full-head twin in the run
     assert e2e.check_identity({("nanospec", "draft_model", 4): {0: res([[1]])}}) == ([], False)
+
+
+def test_check_identity_against_the_twin_and_vllm_differences_apart():
+    def res(outs):
+        return {"groups": [{"task": "qa", "batch": 1, "outputs": outs}]}
+
+    raw = {("no-spec", "none", 0): {0: res([[1, 2, 3], [4, 5]])},
+           ("full-head", "draft_model", 4): {0: res([[1, 2, 7], [4, 5]])},  # vLLM's speculation differs
+           ("nanospec", "draft_model", 4): {0: res([[1, 2, 7], [4, 5]])},  # equals its twin: fine
+           ("paper", "draft_model", 4): {0: res([[1, 2, 7], [4, 6]])},  # differs from its twin
+           ("eagle-full", "eagle", 3): {0: res([[1, 2, 3], [4, 5]])},
+           ("eagle-nanospec", "eagle", 3): {0: res([[1, 2, 3], [4, 5]])},
+           ("nanospec", "draft_model", 6): {0: res([[1, 2, 3], [4, 5]])}}  # no K=6 twin: against no-spec
+    bad, checked = e2e.check_identity(raw)
+    ours, vllm = e2e.split_mismatches(bad)
+    assert checked
+    assert [(m["config"], m["against"], m["prompt"], m["first_diff"]) for m in ours] == [("paper", "full-head", 1, 1)]
+    assert [(m["config"], m["against"], m["prompt"], m["first_diff"]) for m in vllm] == [("full-head", "no-spec", 0, 2)]
 
 
 FIXED = {

@@ -6,7 +6,7 @@ its JSON result: per prompt the chat-templated prompt ids and the generated ids,
 vector ``..._num_accepted_tokens_per_pos``) and the wall time of ``generate``. Used to make the training data
 (the target's own greedy continuations), to measure a head's acceptance and for the side-by-side.
 
-Touches nothing but the result; the child runs with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``HF_HUB_OFFLINE=1``
+Touches nothing but the result; the child runs with the environment's ``libiomp5.so`` preloaded, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``HF_HUB_OFFLINE=1``
 and a 2-4 GiB CPU KV cache. Costs one engine start (~20-40 s here) plus the generation.
 """
 
@@ -33,6 +33,7 @@ def run_job(job: dict, timeout: float = 7200, nice: int = 5, log: Path | None = 
     env = dict(os.environ)
     for k, v in ENGINE_ENV.items():
         env.setdefault(k, v)
+    _engine.preload_iomp(env)
     cmd = [sys.executable, "-m", "nanospec_vllm.tools.eagle.engine"]
     if nice:
         cmd = ["nice", "-n", str(nice)] + cmd
