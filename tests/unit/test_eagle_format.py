@@ -143,3 +143,48 @@ def test_sampled_softmax_estimates_the_full_loss():
     est = [float(eagle_loss(pred, tgt, w, cand=candidate_ids(torch.tensor([1, 2]), v, 1000, g))["ce"])
            for _ in range(20)]
     assert abs(sum(est) / len(est) - full) < 0.05 * full
+
+
+@pytest.mark.parametrize("steps", [2, 3])
+def test_unrolled_passes_equal_incremental_drafting(steps):
+    """Pass s at base i must equal what a plain causal forward computes on the sequence the draft loop builds:
+    the teacher-forced inputs 0..i, then the fed-back outputs of the earlier passes at positions i+1..i+s."""
+    cfg = head_config(SMALL)
+    torch.manual_seed(1)
+    head = EagleHead(cfg).double()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.2)
+    t = 7
+    emb, feat = torch.randn(t, 64, dtype=torch.double), torch.randn(t, 64, dtype=torch.double)
+    pos = torch.arange(t)
+    outs = head.forward_unrolled(emb, feat, pos, steps)
+    assert [o.shape[0] for o in outs] == [t - s for s in range(steps)]
+    torch.testing.assert_close(outs[0], head(emb, feat, pos))
+    for i in range(t - steps + 1):
+        e, f, p_ = emb[: i + 1], feat[: i + 1], pos[: i + 1]
+        for s in range(1, steps):
+            prev = head(e, f, p_)[-1:]  # the last draft's output is the next step's feature
+            e, f, p_ = torch.cat([e, emb[i + s: i + s + 1]]), torch.cat([f, prev]), torch.cat([p_, pos[i:i + 1] + s])
+            torch.testing.assert_close(outs[s][i], head(e, f, p_)[-1], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_trainer_steps_at_toy_size(unroll):
+    from nanospec_vllm.tools.eagle import train as tr
+
+    cfg = head_config(SMALL)
+    g = torch.Generator().manual_seed(0)
+    lens = [12, 9, 15]
+    n = sum(lens)
+    feats = {"features": torch.randn(n, 64, generator=g).to(torch.bfloat16),
+             "ids": torch.randint(0, 500, (n,), generator=g),
+             "offsets": torch.tensor([0, 12, 21, 36]), "prompt_lens": torch.tensor([4, 4, 4])}
+    emb = torch.randn(500, 64, generator=g).to(torch.bfloat16)
+    a = tr.build_parser().parse_args(["x", "--steps", "3", "--tokens-per-step", "20", "--neg", "50",
+                                      "--unroll", str(unroll), "--threads", "1"])
+    tensors, stats = tr.train(a, cfg, feats, emb, emb, progress=False)
+    assert stats["steps"] == 3 and set(tensors) == set(tensor_shapes(cfg))
+    assert all(torch.isfinite(c["loss"]) if isinstance(c["loss"], torch.Tensor) else c["loss"] == c["loss"]
+               for c in stats["curve"])
+    assert ("acc2" in stats["curve"][-1]) == (unroll == 2)

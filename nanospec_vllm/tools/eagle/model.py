@@ -78,23 +78,63 @@ class EagleHead(nn.Module):
         x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
-    def forward(self, emb: torch.Tensor, feat: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """``emb`` (embedding of the next token), ``feat`` [T, H] and ``pos`` [T] for one sequence -> [T, H]."""
+    def _block(self, x: torch.Tensor, pos: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """One decoder layer on inputs ``x`` [n, H] at rope positions ``pos``. This pass's keys/values are
+        appended to ``keys``/``values``; ``mask`` [n, all keys] (None: causal over this pass only)."""
         layer = self.layers[0]
         a = layer.self_attn
-        x = self.fc(torch.cat([emb, feat], dim=-1))
         t = x.shape[0]
         q = a.q_proj(x).view(t, a.nh, a.hd).transpose(0, 1)
         k = a.k_proj(x).view(t, a.nkv, a.hd).transpose(0, 1)
         v = a.v_proj(x).view(t, a.nkv, a.hd).transpose(0, 1)
         q, k = self._rope(q, pos), self._rope(k, pos)
-        o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)[0]
+        keys.append(k)
+        values.append(v)
+        if mask is None:
+            o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)[0]
+        else:
+            kk, vv = torch.cat(keys, dim=1), torch.cat(values, dim=1)
+            o = F.scaled_dot_product_attention(q[None], kk[None], vv[None], attn_mask=mask, enable_gqa=True)[0]
         r = x + a.o_proj(o.transpose(0, 1).reshape(t, a.nh * a.hd))
         rf = r.float()
         n = (rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + self.eps)).to(r.dtype)
         n = n * layer.post_attention_layernorm.weight.to(r.dtype)
         m = layer.mlp
         return r + m.down_proj(F.silu(m.gate_proj(n)) * m.up_proj(n))
+
+    def forward(self, emb: torch.Tensor, feat: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``emb`` (embedding of the next token), ``feat`` [T, H] and ``pos`` [T] for one sequence -> [T, H]."""
+        return self._block(self.fc(torch.cat([emb, feat], dim=-1)), pos, [], [], None)
+
+    def forward_unrolled(self, emb: torch.Tensor, feat: torch.Tensor, pos: torch.Tensor,
+                         steps: int) -> list[torch.Tensor]:
+        """The draft loop as vLLM runs it, for every position at once ("training-time test").
+
+        Pass 0 is :meth:`forward`. Pass ``s`` >= 1 at base position ``i`` is the ``s``-th extra draft step after
+        position ``i`` was verified: input ``(emb[i + s], out_{s-1}[i])`` (the previous pass's output is fed back
+        as the feature, as vLLM feeds the head its own output), rope position ``pos[i] + s``; it attends to pass
+        0's keys at positions ``<= i`` (what the head's KV cache holds after verification) and to the keys of
+        passes 1..s at base ``i`` (the earlier draft steps). Output ``s`` has ``T - s`` rows and predicts the
+        feature at ``i + 1 + s``. Gradients flow through the fed-back features.
+        """
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        t = emb.shape[0]
+        outs = [self._block(self.fc(torch.cat([emb, feat], dim=-1)), pos, keys, values, None)]
+        dev = emb.device
+        for s in range(1, steps):
+            n = t - s
+            if n <= 0:
+                break
+            x = self.fc(torch.cat([emb[s:s + n], outs[-1][:n].to(emb.dtype)], dim=-1))
+            i = torch.arange(n, device=dev)
+            m0 = torch.arange(t, device=dev)[None, :] <= i[:, None]  # pass 0: positions <= i
+            parts = [m0]
+            for r in range(1, s + 1):  # passes 1..s: only base i itself
+                parts.append(torch.arange(t - r, device=dev)[None, :] == i[:, None])
+            outs.append(self._block(x, pos[:n] + s, keys, values, torch.cat(parts, dim=1)))
+        return outs
 
 
 def candidate_ids(next_ids: torch.Tensor, vocab: int, n_random: int,

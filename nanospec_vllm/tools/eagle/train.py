@@ -11,7 +11,9 @@ Pipeline (each stage cached under ``$NANOSPEC_CACHE/heads/.work/<name>-<settings
    next-token distribution through the frozen lm_head, restricted to a candidate set of lm_head rows (the
    step's actual next tokens + ``--neg`` uniform ids; its gradient against the full-vocabulary loss is measured
    and written to the card); AdamW (0.9, 0.95), weight decay 0, warm-up + cosine learning rate, gradient
-   clipping 0.5, uniform noise U(-0.1, 0.1) on input features; deterministic for ``--seed``. The number of
+   clipping 0.5, uniform noise U(-0.1, 0.1) on input features; deterministic for ``--seed``. ``--unroll S``
+   also trains draft steps 2..S on the head's own fed-back features, as vLLM drafts
+   (:meth:`.model.EagleHead.forward_unrolled`; loss weight 0.5^(s-1), ~S x the cost per step). The number of
    steps is sized to ``--budget-min`` from the throughput measured on the first steps (``--steps`` fixes it);
 4. acceptance: vLLM with ``method: eagle``, 3 speculative tokens, greedy, on the held-out calibration prompts:
    acceptance per draft position and tau = 1 + accepted / drafts;
@@ -80,7 +82,7 @@ def _settings(a: argparse.Namespace) -> dict:
             "budget_min": None if a.steps else a.budget_min, "steps": a.steps, "tokens_per_step": a.tokens_per_step,
             "lr": a.lr,
             "neg": a.neg, "ce_weight": a.ce_weight, "noise": a.noise, "max_epochs": a.max_epochs,
-            "threads": a.threads}
+            "threads": a.threads, **({"unroll": a.unroll} if a.unroll > 1 else {})}
 
 
 class _Sampler:
@@ -119,10 +121,19 @@ def _micro(head, feats, i, emb, lm_head, a, g, full: bool = False) -> dict[str, 
     fin = fin.float()
     if a.noise > 0:
         fin = fin + (torch.rand(fin.shape, generator=g) - 0.5) * (2 * a.noise)
+    unroll = max(1, getattr(a, "unroll", 1))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
-        pred = head(e.float(), fin, pos)
+        preds = head.forward_unrolled(e.float(), fin, pos, unroll) if unroll > 1 else [head(e.float(), fin, pos)]
     cand = None if full else candidate_ids(ids[2:], lm_head.shape[0], a.neg, g)
-    return eagle_loss(pred.float(), fout.float(), lm_head, a.ce_weight, cand)
+    out = eagle_loss(preds[0].float(), fout.float(), lm_head, a.ce_weight, cand)
+    if len(preds) > 1:  # extra draft steps, weighted 0.5^s: the first draft position matters most
+        tot = {k: v * 1.0 for k, v in out.items()}
+        for s, pred in enumerate(preds[1:], start=1):
+            r = eagle_loss(pred.float(), fout[s:].float(), lm_head, a.ce_weight, cand)
+            tot["loss"] = tot["loss"] + 0.5 ** s * r["loss"]
+            tot[f"acc{s + 1}"] = r["acc"]
+        out = tot
+    return out
 
 
 def _grad_vector(head) -> torch.Tensor:
@@ -208,12 +219,12 @@ def train(a: argparse.Namespace, cfg: dict, feats: dict, emb: torch.Tensor, lm_h
             grp["lr"] = lr
         idx = sampler.step()
         ntok = sum(lengths[i] for i in idx)
-        agg = {"loss": 0.0, "l1": 0.0, "ce": 0.0, "acc": 0.0}
+        agg = dict.fromkeys(["loss", "l1", "ce", "acc", *(f"acc{s}" for s in range(2, a.unroll + 1))], 0.0)
         for i in idx:
             r = _micro(head, feats, i, emb, lm_head, a, g)
             (r["loss"] * (lengths[i] / ntok)).backward()
             for k in agg:
-                agg[k] += r[k].item() * lengths[i] / ntok
+                agg[k] += float(r[k].detach()) * lengths[i] / ntok if k in r else 0.0
         gn = float(torch.nn.utils.clip_grad_norm_(head.parameters(), 0.5))
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -271,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ce-weight", type=float, default=0.1)
     p.add_argument("--noise", type=float, default=0.1, help="half-width of the uniform feature noise")
     p.add_argument("--max-epochs", type=float, default=8.0, help="cap on passes over the data (small data overfits)")
+    p.add_argument("--unroll", type=int, default=1,
+                   help="draft steps trained per position: 1 = EAGLE-1 (teacher-forced features only); 2-3 also "
+                        "train on the head's own fed-back features, as vLLM drafts (loss weight 0.5^s)")
     p.add_argument("--max-len", type=int, default=1024, help="tokens per sample used in training")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 2))
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 head forward (default: bf16 autocast)")
