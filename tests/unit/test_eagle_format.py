@@ -188,3 +188,19 @@ def test_trainer_steps_at_toy_size(unroll):
     assert all(torch.isfinite(c["loss"]) if isinstance(c["loss"], torch.Tensor) else c["loss"] == c["loss"]
                for c in stats["curve"])
     assert ("acc2" in stats["curve"][-1]) == (unroll == 2)
+
+
+def test_random_weights_head_for_any_target_folder(tmp_path):
+    from nanospec_vllm.tools.eagle import train as tr
+
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps(SMALL))
+    out = tr.train_eagle([str(target), "--random-weights", "--seed", "3", "--out", str(tmp_path / "h")])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["vocab_size"] == 500
+    tensors = load_file(str(out / "model.safetensors"))
+    check_tensors(cfg, tensors)
+    assert json.loads((out / "card.json").read_text())["kind"] == "eagle1-random"
+    again = tr.train_eagle([str(target), "--random-weights", "--seed", "3", "--out", str(tmp_path / "h2")])
+    assert torch.equal(load_file(str(again / "model.safetensors"))["fc.weight"], tensors["fc.weight"])

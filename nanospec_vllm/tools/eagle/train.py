@@ -291,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="head folder (default $NANOSPEC_CACHE/heads/<name>)")
     p.add_argument("--force", action="store_true", help="retrain even if the head exists")
     p.add_argument("--quick", action="store_true", help="toy size for tests: 6 prompts, 24 tokens, 4 steps")
+    p.add_argument("--random-weights", action="store_true",
+                   help="no data, no training: write a head of the right shape for TARGET with random weights "
+                        "(acceptance meaningless, draft cost real: for measuring draft time on any vocabulary)")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -300,6 +303,8 @@ def train_eagle(argv: list[str]) -> Path:
     if a.quick:
         a.prompts, a.heldout, a.max_new_tokens, a.steps, a.tokens_per_step, a.neg = 6, 4, 24, 4, 256, 256
     name, target = resolve_target(a.target)
+    if a.random_weights:
+        return write_random_head(name, target, a)
     head_name = f"eagle1-{name}" + ("-quick" if a.quick else "")
     out = Path(a.out).expanduser() if a.out else cache_root() / "heads" / head_name
     settings = _settings(a)
@@ -350,6 +355,21 @@ def train_eagle(argv: list[str]) -> Path:
     card["total_wall_s"] = time.perf_counter() - t0
     write_head(out, cfg, tensors, {"card.json": json.dumps(card, indent=1) + "\n", "card.md": _card_md(card)})
     return out
+
+
+def write_random_head(name: str, target: Path, a: argparse.Namespace) -> Path:
+    """``--random-weights``: the head format for ``target`` with seeded random weights and a card that says so."""
+    from .format import random_tensors
+
+    cfg = head_config(json.loads((target / "config.json").read_text()))
+    out = Path(a.out).expanduser() if a.out else cache_root() / "heads" / f"eagle1-{name}-random"
+    tensors = random_tensors(cfg, seed=a.seed)
+    card = {"format": CARD_FORMAT, "kind": "eagle1-random", "target": name, "target_folder": str(target),
+            "seed": a.seed, "parameters": sum(int(t.numel()) for t in tensors.values()),
+            "note": "random weights: acceptance is meaningless; the draft cost per step is that of a trained head"}
+    md = (f"# EAGLE-1 head for {name}: RANDOM WEIGHTS (seed {a.seed})\n\nNot trained: use it to measure draft "
+          "cost (`nanospec bench e2e --method eagle --draft <this folder>`), never acceptance.\n")
+    return write_head(out, cfg, tensors, {"card.json": json.dumps(card, indent=1) + "\n", "card.md": md})
 
 
 def main(argv: list[str]) -> int:
