@@ -517,7 +517,8 @@ def engine_main(job_path: str) -> int:
     from vllm import LLM, SamplingParams
 
     kwargs = engine_kwargs(job["model"], job.get("spec"), max_model_len=job["max_model_len"],
-                           max_num_seqs=job["max_num_seqs"], enable_prefix_caching=False)
+                           max_num_seqs=job["max_num_seqs"], enable_prefix_caching=False,
+                           dtype=job.get("dtype", "bfloat16"))
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     startup_s = time.perf_counter() - t0
@@ -699,6 +700,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--hot-set", default=str(DEFAULT_HOT_SET), help="ranked hot-set file of static-32k")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--kv-cache-gib", type=int, default=2)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="model dtype (float32: to tell numerics from logic when outputs differ)")
     ap.add_argument("--iomp", choices=("auto", "off"), default="auto",
                     help="auto: LD_PRELOAD the environment's libiomp5.so into every engine (vLLM CPU's advice for "
                          "speculative decoding); off: the process's own OpenMP")
@@ -769,6 +772,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "settings": {"method": args.method, "k": ks, "batches": batches, "max_tokens": args.max_tokens,
                      "repeats": args.repeats, "limit": args.limit, "max_model_len": args.max_model_len,
                      "kv_cache_gib": args.kv_cache_gib, "prefix_caching": False, "temperature": 0.0,
+                     "dtype": args.dtype,
                      "ld_preload": None if iomp is None else Path(iomp).name,
                      "env_ld_preload": os.environ.get("LD_PRELOAD"),
                      "prompts": args.prompts or "tasks",
@@ -792,7 +796,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             d = eagle_draft if name.startswith("eagle-") else draft
             job = {"model": target, "spec": speculative_config(cfg, d, k), "groups": groups,
                    "batches": batches, "max_tokens": args.max_tokens, "max_num_seqs": max(batches),
-                   "max_model_len": args.max_model_len, "kv_cache_gib": args.kv_cache_gib, "ld_preload": iomp}
+                   "max_model_len": args.max_model_len, "kv_cache_gib": args.kv_cache_gib, "ld_preload": iomp,
+                   "dtype": args.dtype}
             tag = f"r{rnd}-{len(raw[u])}-{hashlib.sha1(repr(u).encode()).hexdigest()[:8]}"
             t = time.perf_counter()
             res = None
