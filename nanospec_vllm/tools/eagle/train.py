@@ -270,10 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanospec train-eagle", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", help="prepared model name (qwen2.5-coder-0.5b) or a model folder")
-    p.add_argument("--budget-min", type=float, default=10.0, help="training wall budget in minutes (default 10)")
-    p.add_argument("--prompts", type=int, default=96, help="training prompts (default 96)")
+    p.add_argument("--budget-min", type=float, default=15.0, help="training wall budget in minutes (default 15)")
+    p.add_argument("--prompts", type=int, default=480, help="training prompts (default 480)")
     p.add_argument("--heldout", type=int, default=48, help="held-out calibration prompts (acceptance on the first 16 kept)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="generated tokens per prompt (default 128)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generated tokens per prompt (default 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="fix the number of steps (default: sized to budget)")
     p.add_argument("--tokens-per-step", type=int, default=2048)
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ce-weight", type=float, default=0.1)
     p.add_argument("--noise", type=float, default=0.1, help="half-width of the uniform feature noise")
     p.add_argument("--max-epochs", type=float, default=8.0, help="cap on passes over the data (small data overfits)")
-    p.add_argument("--unroll", type=int, default=1,
+    p.add_argument("--unroll", type=int, default=2,
                    help="draft steps trained per position: 1 = EAGLE-1 (teacher-forced features only); 2-3 also "
                         "train on the head's own fed-back features, as vLLM drafts (loss weight 0.5^s)")
     p.add_argument("--max-len", type=int, default=1024, help="tokens per sample used in training")
