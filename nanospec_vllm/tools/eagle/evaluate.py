@@ -65,7 +65,10 @@ def plot_curve(card_json: Path, png: Path) -> None:
     fig, ax = plt.subplots(1, 3, figsize=(11, 3))
     for a, k, title in zip(ax, ("l1", "ce", "acc"), ("smooth-L1 (next feature)", "cross-entropy (sampled softmax)",
                                                      "top-1 agreement (sampled rows)")):
-        a.plot(x, [c[k] for c in curve])
+        a.plot(x, [c[k] for c in curve], label="draft step 1")
+        if k == "acc" and "acc2" in curve[-1]:
+            a.plot(x, [c.get("acc2", float("nan")) for c in curve], label="draft step 2 (fed-back feature)")
+            a.legend(fontsize=7)
         a.set_title(title, fontsize=9)
         a.set_xlabel("training tokens (k)")
     fig.tight_layout()
