@@ -15,7 +15,8 @@ active sets. The decision uses static shapes only (no host sync).
 
 Every implementation returns the raw ``(scores [B, C], token_ids [B], best [B])``; :func:`sparse_head` applies the
 one shared epilogue (:func:`.reference.select`: top-k, log-probabilities) to whichever ran. Semantics (ties,
-padding, duplicates, ``row_index``) are defined in :mod:`.reference`.
+padding, duplicates, ``row_index``) are defined in :mod:`.reference`. A vocab-parallel (tensor-parallel) head runs
+the same kernels on each rank's shard and merges across ranks: :mod:`.tp`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .reference import RawHead, candidate_rows, raw_reference, select
 __all__ = [
     "SparseHeadOutput",
     "available_impls",
+    "check_shapes",
     "dense_masked_scores",
     "resolve_impl",
     "row_index_from_d2t",
@@ -115,6 +117,15 @@ def use_dense(batch: int, width: int, vocab_rows: int, ratio: float) -> bool:
     return batch * width >= ratio * vocab_rows
 
 
+def check_shapes(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``hidden [B, H]``, ``weight [V, H]``, ``ids [B, C]``, ``counts [B]``."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [B, H] and weight [V, H] expected, got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+    if ids.dim() != 2 or ids.shape[0] != hidden.shape[0] or counts.shape != (hidden.shape[0],):
+        raise ValueError(f"ids [B, C] and counts [B] expected for B={hidden.shape[0]}, got {tuple(ids.shape)}, "
+                         f"{tuple(counts.shape)}")
+
+
 def sparse_head(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -141,11 +152,7 @@ def sparse_head(
         impl: ``auto`` / ``torch`` / ``triton`` / ``native``.
         dense_fallback_ratio: use the dense-masked strategy when ``B * C >= ratio * Vw`` (None: never).
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden [B, H] and weight [V, H] expected, got {tuple(hidden.shape)}, {tuple(weight.shape)}")
-    if ids.dim() != 2 or ids.shape[0] != hidden.shape[0] or counts.shape != (hidden.shape[0],):
-        raise ValueError(f"ids [B, C] and counts [B] expected for B={hidden.shape[0]}, got {tuple(ids.shape)}, "
-                         f"{tuple(counts.shape)}")
+    check_shapes(hidden, weight, ids, counts)
     if want_logprobs and vocab_size is None:
         vocab_size = row_index.shape[0] if row_index is not None else weight.shape[0]
     name, raw = _run(hidden, weight, ids, counts, row_index, impl, dense_fallback_ratio)
