@@ -18,6 +18,11 @@ admitted in the order of arrival, so when a set fills up the candidates EARLIER 
 useful first: emitted tokens, then the target's top-1, top-2, ...); duplicates count at their first occurrence. Bits are set with
 an integer ``index_add_`` of distinct, unset bits, which equals a bitwise OR and is exact in any order.
 
+Host side per step: a free list and ``req_id -> slot`` (plain Python). Nothing on the per-step path reads device
+data back: :meth:`extend`, :meth:`contains`, :meth:`active`, :meth:`allocate` and :meth:`free` only launch device
+ops (scalar fills, gathers, scatters); :meth:`seed` copies the prompt ids from pinned memory with
+``non_blocking=True``. Only :meth:`active_list` (tests, tools) syncs.
+
 Memory: ``num_slots * (4 * ceil(V/32) + 4 * (capacity + 1) + 20)`` bytes, e.g. 256 slots x V=151,936 x 3,072 ids
 = 8.0 MiB (:attr:`nbytes`).
 """
@@ -62,6 +67,7 @@ class ActiveVocabPool:
         self.device = torch.device(device)
         self.num_words = (vocab_size + 31) // 32
         self.num_pinned = len(pinned)
+        self.pinned_ids: tuple[int, ...] = tuple(pinned)  # host copy (sorted)
         dev = self.device
         self.bitmap = torch.zeros(num_slots, self.num_words, dtype=torch.int32, device=dev)
         # One scratch column at index `capacity` absorbs writes of refused ids (static shapes, no masking sync).
@@ -74,6 +80,8 @@ class ActiveVocabPool:
         self._pinned_bitmap = torch.zeros(self.num_words, dtype=torch.int32, device=dev)
         if pinned:
             self._set_bits(self._pinned_bitmap, self._pinned_ids.long())
+        # slot -> [1] index tensor as a view (no host-to-device copy when seeding one slot)
+        self._slot_index = torch.arange(num_slots, dtype=torch.int64, device=dev)
         self._free: list[int] = list(range(num_slots - 1, -1, -1))
         self._slot_of: dict[Hashable, int] = {}
 
@@ -125,10 +133,18 @@ class ActiveVocabPool:
     def seed(self, key: Hashable, token_ids: torch.Tensor | Sequence[int]) -> int:
         """Allocate (or reset) ``key``'s slot and add ``token_ids`` (e.g. the prompt). Returns the slot."""
         slot = self.allocate(key)
-        t = torch.as_tensor(token_ids, dtype=torch.int64).to(self.device).reshape(1, -1)
+        t = self.to_device(torch.as_tensor(token_ids, dtype=torch.int64)).reshape(1, -1)
         if t.numel():
-            self.extend(torch.tensor([slot], device=self.device), t)
+            self.extend(self._slot_index[slot: slot + 1], t)
         return slot
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the pool's device without a blocking host wait: a host tensor is copied from pinned memory
+        with ``non_blocking=True`` (the caching host allocator keeps the pinned block until the copy has run);
+        a tensor already on the device (or a CPU pool) is returned as is."""
+        if t.device.type == "cpu" and self.device.type != "cpu":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device, non_blocking=True)  # same device: no copy; device -> device: stream-ordered
 
     def extend(self, slots: torch.Tensor, new_ids: torch.Tensor) -> None:
         """Add candidate ids ``new_ids[b, :]`` to slot ``slots[b]``; ``-1`` (or any id outside ``[0, V)``) is padding.
@@ -140,8 +156,8 @@ class ActiveVocabPool:
         if new_ids.shape[1] == 0 or new_ids.shape[0] == 0:
             return
         V, cap = self.vocab_size, self.capacity
-        slots = slots.to(self.device, torch.int64)
-        x = new_ids.to(self.device, torch.int64)
+        slots = slots.to(self.device, torch.int64, non_blocking=True)
+        x = new_ids.to(self.device, torch.int64, non_blocking=True)
         x = torch.where((x >= 0) & (x < V), x, torch.full_like(x, V))
         # De-duplicate within the row keeping each id's FIRST occurrence, and keep the order of arrival: a stable
         # sort makes equal ids neighbours (earliest first); the "first" flags are scattered back to row order.
@@ -195,8 +211,8 @@ class ActiveVocabPool:
     # ---- reads ----
     def contains(self, slots: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Bool ``[B, n]``: is ``token_ids[b, j]`` active in ``slots[b]`` (ids outside ``[0, V)`` -> False)."""
-        slots = slots.to(self.device, torch.int64)
-        x = token_ids.to(self.device, torch.int64)
+        slots = slots.to(self.device, torch.int64, non_blocking=True)
+        x = token_ids.to(self.device, torch.int64, non_blocking=True)
         ok = (x >= 0) & (x < self.vocab_size)
         xc = x.clamp(0, self.vocab_size - 1)
         w = self.bitmap[slots[:, None], xc >> 5].long()
@@ -204,7 +220,7 @@ class ActiveVocabPool:
 
     def active(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ids [B, capacity] int32 padded with -1, counts [B] int32)`` for the sparse head (static shape)."""
-        slots = slots.to(self.device, torch.int64)
+        slots = slots.to(self.device, torch.int64, non_blocking=True)
         return self.ids[slots, : self.capacity], self.counts[slots]
 
     def active_list(self, key: Hashable) -> list[int]:

@@ -13,6 +13,8 @@ sees are exactly the pruned distribution that was sampled: verification stays ex
 
 Touches: reads the drafter's ``lm_head`` weight (often shared with the target; never modified) and the runtime's
 per-step context. Cost: the sparse head over ``sum(counts)`` rows instead of the full ``[B, V]`` projection.
+No host synchronisation per draft position: a row whose set holds no draftable id is handled by a device-side
+select (``torch.where``) to a fallback id chosen once at binding (:meth:`SparseDraftHead.bind`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..ops import SparseHeadOutput, row_index_from_d2t, sparse_head
+from ..ops.tp import AllGather, VocabShard, shard_row_index, sparse_head_sharded
 
 if TYPE_CHECKING:
     from .runtime import NanoSpecRuntime
@@ -42,6 +45,11 @@ class HeadBinding:
     scale: float
     soft_cap: float | None
     vocab_size: int  # target vocabulary (logits width)
+    # tensor parallelism (vocab-parallel head, see _bind_shard): weight is this rank's shard, row_index the global
+    # target id -> head row map (never None then), local_row_index target id -> local row (-1 = another rank's)
+    shard: VocabShard | None = None
+    local_row_index: torch.Tensor | None = None
+    all_gather: AllGather | None = None
 
 
 def bind_head(model: Any, vocab_size: int) -> HeadBinding:
@@ -59,14 +67,62 @@ def bind_head(model: Any, vocab_size: int) -> HeadBinding:
     row_index = None if d2t is None else row_index_from_d2t(d2t.data[:org], vocab_size)
     logger.info("NanoSpec: drafter head %s rows x %d (%s)%s", weight.shape[0], weight.shape[1], weight.dtype,
                 " with a draft->target vocab map" if row_index is not None else "")
-    return HeadBinding(weight=weight, row_index=row_index, scale=float(getattr(lp, "scale", 1.0) or 1.0),
-                       soft_cap=getattr(lp, "soft_cap", None), vocab_size=vocab_size)
+    binding = HeadBinding(weight=weight, row_index=row_index, scale=float(getattr(lp, "scale", 1.0) or 1.0),
+                          soft_cap=getattr(lp, "soft_cap", None), vocab_size=vocab_size)
+    return _bind_shard(binding, lm_head, org)
+
+
+def _bind_shard(b: HeadBinding, lm_head: Any, org: int) -> HeadBinding:
+    """A vocab-parallel head (vLLM's ``ParallelLMHead`` / ``VocabParallelEmbedding`` with ``tp_size > 1``): keep
+    this rank's real rows only, make ``row_index`` the global target id -> head row map (identical on every
+    rank), build the local map (``4 * V`` bytes, once) and the group's all-gather. Unchanged when not sharded."""
+    tp = int(getattr(lm_head, "tp_size", 1) or 1)
+    if tp <= 1:
+        return b
+    si = lm_head.shard_indices
+    shard = VocabShard(int(si.org_vocab_start_index), int(si.org_vocab_end_index), int(lm_head.tp_rank), tp)
+    dev = b.weight.device
+    if b.row_index is None:
+        ids = torch.arange(b.vocab_size, dtype=torch.int32, device=dev)
+        b.row_index = torch.where(ids < org, ids, torch.full_like(ids, -1))
+    b.weight = lm_head.weight[: shard.num_rows]
+    b.shard = shard
+    b.local_row_index = shard_row_index(b.vocab_size, shard, b.row_index, dev)
+    group = getattr(lm_head, "parallel_group", None)
+    if group is None:
+        from vllm.distributed import get_tp_group
+
+        group = get_tp_group()
+    b.all_gather = lambda t: group.all_gather(t.unsqueeze(0), dim=0)
+    logger.info("NanoSpec: vocab-parallel head, rank %d/%d holds ids [%d, %d)", shard.rank, tp, shard.start, shard.end)
+    return b
 
 
 class SparseDraftHead:
     def __init__(self, runtime: NanoSpecRuntime) -> None:
         self.rt = runtime
         self.binding: HeadBinding | None = None
+        self.fallback_id = 0  # drafted by a row whose set holds no id the head can draft (see bind)
+        self._fallback: torch.Tensor | None = None  # the same, a 0-dim int64 device tensor
+
+    def bind(self, model: Any) -> HeadBinding:
+        """Read the drafter's head (:func:`bind_head`) and choose the fallback id: the first pinned id the head
+        can draft, else the lowest id it can draft. A row whose set holds no draftable id (possible only with
+        an EAGLE-3 reduced draft vocabulary, or an empty set) drafts that id, chosen on the device with
+        ``torch.where``: no per-position host check. Any draft keeps greedy output exact; the target rejects a
+        bad one. Runs once (at runtime creation when the drafter is loaded, else at the first draft); the host
+        reads of ``row_index`` here happen only then."""
+        b = bind_head(model, self.rt.vocab_size)
+        pinned = self.rt.pool.pinned_ids
+        if b.row_index is None:
+            fid = next((i for i in pinned if i < b.weight.shape[0]), 0)
+        else:
+            rows = b.row_index.tolist()  # once per engine
+            fid = next((i for i in pinned if rows[i] >= 0), next((i for i, r in enumerate(rows) if r >= 0), 0))
+        self.fallback_id = int(fid)
+        self._fallback = torch.tensor(self.fallback_id, dtype=torch.int64, device=b.weight.device)
+        self.binding = b
+        return b
 
     def _scores(self, h: torch.Tensor, logprobs: bool) -> SparseHeadOutput:
         b, ctx = self.binding, self.rt.ctx
@@ -74,6 +130,10 @@ class SparseDraftHead:
         ids, counts = ctx.active
         if b.scale != 1.0:
             h = h * b.scale
+        if b.shard is not None:  # every rank scores its shard's ids; all ranks get the same answer
+            return sparse_head_sharded(h, b.weight, ids, counts, row_index=b.local_row_index,
+                                       all_gather=b.all_gather, want_logprobs=logprobs, vocab_size=b.vocab_size,
+                                       impl=self.rt.impl, dense_fallback_ratio=self.rt.cfg.dense_fallback_ratio)
         return sparse_head(h, b.weight, ids, counts, row_index=b.row_index, want_logprobs=logprobs,
                            vocab_size=b.vocab_size, impl=self.rt.impl,
                            dense_fallback_ratio=self.rt.cfg.dense_fallback_ratio)
@@ -88,7 +148,7 @@ class SparseDraftHead:
             rt.stats.fallback += 1  # parallel drafting: rows are not requests
             return None
         if self.binding is None:
-            self.binding = bind_head(proposer.model, rt.vocab_size)
+            self.bind(proposer.model)
         greedy = not proposer._enable_probabilistic_draft_probs or sampling_metadata.all_greedy
         if not greedy and self.binding.soft_cap is not None:
             rt.stats.fallback += 1  # soft-capped logits: the pruned softmax needs the raw scores
@@ -105,8 +165,7 @@ class SparseDraftHead:
         ctx = self.rt.ctx
         on, plan = ctx.on_idx, ctx.plan
         tok = self._scores(hidden[on], logprobs=False).token_ids
-        if bool((tok < 0).any()):  # a row with no draftable id (e.g. none in an EAGLE-3 draft vocab)
-            tok = torch.where(tok < 0, proposer._greedy_sample(hidden[on]), tok)
+        tok = torch.where(tok < 0, self._fallback, tok)  # a row with no draftable id: the fallback id (device)
         if not plan.off_rows:
             return tok
         res = torch.empty(plan.batch_size, dtype=torch.int64, device=hidden.device)
@@ -119,10 +178,11 @@ class SparseDraftHead:
         on, plan, vocab = ctx.on_idx, ctx.plan, self.binding.vocab_size
         out = self._scores(hidden[on], logprobs=True)
         logits = torch.full((plan.batch_size, vocab), float("-inf"), dtype=torch.float32, device=hidden.device)
-        logits[on] = out.logprobs  # log-softmax over the active set; a per-row shift of the scores
-        empty = out.token_ids < 0
-        if bool(empty.any()):  # no draftable id in the set: that row samples from the full head
-            logits[on[empty]] = proposer.model.compute_logits(hidden[on[empty]]).float()
+        lp, fid = out.logprobs, self.fallback_id  # log-softmax over the active set; a per-row shift of the scores
+        # no draftable id in the set (all -inf): that row's distribution is one-hot at the fallback id, selected on
+        # the device; the draft probabilities reported are that distribution, so verification stays exact
+        lp[:, fid] = torch.where(out.token_ids < 0, torch.zeros_like(lp[:, fid]), lp[:, fid])
+        logits[on] = lp
         if plan.off_rows:
             logits[ctx.off_idx] = proposer.model.compute_logits(hidden[ctx.off_idx]).float()
         return proposer._sample_from_logits(logits, sampling_metadata)

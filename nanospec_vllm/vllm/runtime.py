@@ -19,15 +19,21 @@
 5. Every draft position: the proposer patch asks :class:`.head.SparseDraftHead` (``rt.head``) for the draft
    tokens; it answers ``None`` when the batch is not its to draft.
 
-Host synchronisations added per step on CUDA: building the row -> slot tensors and the verified-row index from
-host lists (small host-to-device copies), the statistics drain (one read-back of a few counters), and, per draft
-position, one check for rows whose set holds no draftable id (only possible with an EAGLE-3 reduced draft
-vocabulary). Cost per step: one ``[rows, V]`` top-k, one ``extend``, and the sparse head instead of the dense one.
+No blocking host wait per step on CUDA: the step's index vectors (row -> slot, on/off rows, verified rows, their
+draft counts and logits starts) are written into one pinned host staging buffer allocated once (vLLM's
+``CpuGpuBuffer``, a ring of :data:`STAGING_RING` rows sized by ``max_num_seqs``) and copied to the device with one
+``non_blocking`` copy (:class:`IndexStaging`); the statistics stay on the device and are read from pinned memory
+once their copy has completed (:class:`.metrics.worker.StepStats`); a row whose set holds no draftable id is
+handled by a device-side select in the head. Host lists that vLLM hands over (token ids on some paths, prompts at
+admission) go through pinned memory with ``non_blocking=True``. ``tests/unit/test_host_sync.py`` counts host reads
+of device data over a step (zero). Cost per step: one ``[rows, V]`` top-k, one ``extend``, and the sparse head
+instead of the dense one.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,12 +43,16 @@ from ..config import NanoSpecConfig, check_engine, parse_config, request_enabled
 from ..ops import resolve_impl
 from ..state import ActiveVocabPool, PoolFullError
 from ..step import BatchPlan, logits_starts, plan_batch, prompt_rows, verified_update
+from .debug import DebugRecorder
 from .head import SparseDraftHead
 from .metrics.worker import StepStats
 
 logger = logging.getLogger("vllm.nanospec")
 
-__all__ = ["NanoSpecRuntime", "StepContext", "get_runtime", "pinned_token_ids"]
+__all__ = ["IndexStaging", "NanoSpecRuntime", "StepContext", "get_runtime", "pinned_token_ids"]
+
+#: host staging rows in the ring: a row is rewritten only after the copy made from it STAGING_RING steps ago has run
+STAGING_RING = 2
 
 
 @dataclass
@@ -61,10 +71,73 @@ def get_runtime(obj: Any) -> NanoSpecRuntime | None:
     return getattr(obj, "_nanospec_runtime", None)
 
 
-def _as_padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
-    """``list[list[int]]`` (vLLM's unpadded sampled/draft ids) -> ``[B, W]`` int64 padded with -1."""
+def _as_padded(rows: list[list[int]], pool: ActiveVocabPool) -> torch.Tensor:
+    """``list[list[int]]`` (vLLM's unpadded sampled/draft ids, host data) -> ``[B, W]`` int64 padded with -1 on the
+    pool's device (copied from pinned memory, non-blocking)."""
     width = max((len(x) for x in rows), default=0) or 1
-    return torch.tensor([x + [-1] * (width - len(x)) for x in rows], dtype=torch.int64, device=device)
+    return pool.to_device(torch.tensor([x + [-1] * (width - len(x)) for x in rows], dtype=torch.int64))
+
+
+class _PinnedPair:
+    """What ``IndexStaging`` uses of vLLM's ``CpuGpuBuffer`` (pinned ``cpu`` + ``gpu`` tensors, ``np`` view)."""
+
+    def __init__(self, *size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.cpu = torch.zeros(*size, dtype=dtype, pin_memory=device.type == "cuda")
+        self.gpu = torch.zeros_like(self.cpu, device=device)
+        self.np = self.cpu.numpy()
+
+
+class IndexStaging:
+    """The per-step index vectors, staged on the host and copied to the device in one non-blocking copy.
+
+    One ``CpuGpuBuffer`` (vLLM's pinned host + device pair) of ``[STAGING_RING, 5 * max_rows]`` int64, allocated
+    once. :meth:`put` writes the vectors side by side into the next host row (numpy, no tensor op), copies that row
+    to the device with ``non_blocking=True`` and records a CUDA event; the row is reused ``STAGING_RING`` steps
+    later, after waiting on that event (long completed by then: vLLM reads its own sampled tokens every step), so a
+    pending copy never reads a host row being rewritten. Returns device views, valid until the same row is reused.
+    """
+
+    def __init__(self, max_rows: int, device: torch.device) -> None:
+        try:
+            from vllm.v1.utils import CpuGpuBuffer
+        except ImportError:  # inside vLLM it always imports; the host-sync test also runs on a bare GPU machine
+            CpuGpuBuffer = _PinnedPair
+
+        self.device = device
+        self.width = 5 * max(1, int(max_rows))  # slots + on/off rows (2 B) + verified rows, drafts, starts (3 R)
+        self.buf = CpuGpuBuffer(STAGING_RING, self.width, dtype=torch.int64, device=device)
+        self._events: list[Any] = [None] * STAGING_RING
+        self._next = 0
+
+    def host_buffers(self) -> list[torch.Tensor]:
+        return [self.buf.cpu]
+
+    def put(self, *vectors: Sequence[int]) -> list[torch.Tensor]:
+        n = sum(len(v) for v in vectors)
+        if n > self.width:  # more rows than max_num_seqs (never in vLLM): a one-off pinned copy
+            flat = torch.tensor([x for v in vectors for x in v], dtype=torch.int64)
+            dev = flat if self.device.type == "cpu" else flat.pin_memory().to(self.device, non_blocking=True)
+        else:
+            k = self._next
+            self._next = (k + 1) % STAGING_RING
+            if self._events[k] is not None:
+                self._events[k].synchronize()  # recorded STAGING_RING steps ago
+            row = self.buf.np[k]
+            o = 0
+            for v in vectors:
+                row[o: o + len(v)] = v
+                o += len(v)
+            dev = self.buf.gpu[k, :n]
+            dev.copy_(self.buf.cpu[k, :n], non_blocking=True)
+            if self.device.type == "cuda":
+                ev = torch.cuda.Event()
+                ev.record()
+                self._events[k] = ev
+        out, o = [], 0
+        for v in vectors:
+            out.append(dev[o: o + len(v)])
+            o += len(v)
+        return out
 
 
 def pinned_token_ids(hf_config: Any, tokenizer: Any | None) -> set[int]:
@@ -112,9 +185,11 @@ class NanoSpecRuntime:
         self.pool = ActiveVocabPool(num_slots, self.vocab_size, cfg.capacity, self.device, sorted(pinned),
                                     cfg.full_policy)
         self.impl = resolve_impl(cfg.kernel, self.device)
-        self.stats = StepStats(self.device)
+        self.stats = StepStats(self.device, max_sizes=num_slots)
+        self.staging = IndexStaging(num_slots, self.device)
         self.head = SparseDraftHead(self)
         self.ctx: StepContext | None = None
+        self.debug = DebugRecorder.from_env(self.pool)  # None unless NANOSPEC_DEBUG_RECORD=1 (tests only)
         logger.info(
             "NanoSpec active: method=%s capacity=%d slots=%d pinned=%d policy=%s kernel=%s pool=%.1f MiB",
             self.method, cfg.capacity, num_slots, len(pinned), cfg.full_policy, self.impl, self.pool.nbytes / 2**20,
@@ -134,6 +209,9 @@ class NanoSpecRuntime:
         rt = cls(runner, parse_config(block))
         runner._nanospec_runtime = rt
         runner.drafter._nanospec_runtime = rt
+        model = getattr(runner.drafter, "model", None)
+        if model is not None and getattr(model, "lm_head", None) is not None:
+            rt.head.bind(model)  # the drafter is loaded: bind now, so no step pays for it
         return rt
 
     def _generation_ids(self, runner: Any) -> set[int]:
@@ -158,6 +236,8 @@ class NanoSpecRuntime:
             return
         seed = list(token_ids) if self.cfg.seed_from_prompt else []
         seed += list(getattr(sp, "all_stop_token_ids", None) or getattr(sp, "stop_token_ids", None) or [])
+        if self.debug is not None:
+            self.debug.add(req_id, "seed", seed)
         try:
             self.pool.seed(req_id, seed)
         except PoolFullError:
@@ -166,6 +246,9 @@ class NanoSpecRuntime:
 
     def release(self, scheduler_output: Any) -> None:
         """Before vLLM's ``_update_states``: finished and preempted requests give their slot back."""
+        if self.debug is not None:
+            self.debug.snapshot([*scheduler_output.finished_req_ids,
+                                 *(getattr(scheduler_output, "preempted_req_ids", None) or ())])
         for rid in scheduler_output.finished_req_ids:
             self.pool.free(rid)
         for rid in getattr(scheduler_output, "preempted_req_ids", None) or ():
@@ -189,7 +272,8 @@ class NanoSpecRuntime:
         return self.ctx
 
     def end_step(self) -> dict[str, Any]:
-        """Clear the step's context; returns the step's statistics payload (one host sync)."""
+        """Clear the step's context; returns the statistics payload of the steps whose figures have reached
+        the host (no host wait; on CPU, this step's)."""
         self.ctx = None
         return self.stats.drain(self.pool, self.impl)
 
@@ -204,31 +288,36 @@ class NanoSpecRuntime:
         ctx = self.ctx
         if ctx is None:  # only sample_tokens (the owner) opens a step
             return
+        if self.debug is not None:
+            self.debug.before_propose(runner, sampled, spec_meta, ctx.topk)
         num_reqs = runner.input_batch.num_reqs
         plan = plan_batch(runner.input_batch.req_ids[:num_reqs], self.pool.slot_of)
-        dev = self.device
         ctx.plan = plan
-        ctx.slots = torch.tensor(plan.slots, dtype=torch.int64, device=dev)
-        ctx.on_idx = torch.tensor(plan.on_rows, dtype=torch.int64, device=dev)
-        ctx.off_idx = torch.tensor(plan.off_rows, dtype=torch.int64, device=dev)
         topk, ctx.topk = ctx.topk, None
+        rows: list[int] = []
+        nd_rows: list[int] = []
+        start_rows: list[int] = []
+        nd_all = None
+        if plan.on_rows:  # host lists only (vLLM's host-side mask and draft counts)
+            discard = runner.discard_request_mask.np[:num_reqs]
+            rows = [i for i in plan.on_rows if not discard[i]]  # partial prefills emit nothing
+            nd_all = None if spec_meta is None else list(spec_meta.num_draft_tokens)
+            starts_all = logits_starts(nd_all, num_reqs)
+            nd_rows = [] if nd_all is None else [nd_all[i] for i in rows]
+            start_rows = [starts_all[i] for i in rows]
+        # every index vector of the step in one non-blocking host -> device copy
+        ctx.slots, ctx.on_idx, ctx.off_idx, idx, nd, starts = self.staging.put(
+            plan.slots, plan.on_rows, plan.off_rows, rows, nd_rows, start_rows)
         if not plan.on_rows:
             return
         if self.cfg.prompt_topk:
             self._add_prompt_topk(runner, plan.on_rows, ctx.slots, hidden, attn_meta)
-        discard = runner.discard_request_mask.np[:num_reqs]
-        rows = [i for i in plan.on_rows if not discard[i]]  # partial prefills emit nothing
         if not rows:
             return
         if isinstance(sampled, list):
-            sampled = _as_padded(sampled, dev)
-        nd_all = None if spec_meta is None else list(spec_meta.num_draft_tokens)
-        starts_all = logits_starts(nd_all, num_reqs)
-        idx = torch.tensor(rows, dtype=torch.int64, device=dev)
+            sampled = _as_padded(sampled, self.pool)
         s = sampled[idx].long()  # [R, W]
-        nd = None if nd_all is None else torch.tensor([nd_all[i] for i in rows], dtype=torch.int64, device=dev)
-        starts = torch.tensor([starts_all[i] for i in rows], dtype=torch.int64, device=dev)
-        upd = verified_update(s, nd, starts, topk)
+        upd = verified_update(s, None if nd_all is None else nd, starts, topk)
         rslots = ctx.slots[idx]
         covered = self.pool.contains(rslots, s) & upd.drafted  # against the set the drafts were made from
         self.stats.add_coverage(upd.drafted.sum(), covered.sum())
@@ -252,12 +341,14 @@ class NanoSpecRuntime:
 
     def after_propose(self, draft_ids: Any) -> None:
         ctx = self.ctx
+        if self.debug is not None and ctx is not None:
+            self.debug.after_propose(draft_ids)
         if ctx is None or ctx.plan is None or not ctx.plan.on_rows or not self.cfg.add_draft_tokens:
             return
         if isinstance(draft_ids, list):
             if not draft_ids:
                 return
-            draft_ids = _as_padded(draft_ids, self.device)
+            draft_ids = _as_padded(draft_ids, self.pool)
         if not isinstance(draft_ids, torch.Tensor) or draft_ids.dim() != 2 or draft_ids.shape[1] == 0:
             return
         if draft_ids.shape[0] != ctx.plan.batch_size:

@@ -2,7 +2,9 @@
 
 Each engine gets its own process (clean memory, vLLM's spawn rules). The job says which model, which
 speculative config, which prompts and per-request switches; the result holds the token ids and vLLM's
-speculative-decoding counters (from ``LLM.get_metrics()``) and, when NanoSpec ran, the worker's pool state.
+speculative-decoding counters (from ``LLM.get_metrics()``) and, when NanoSpec ran, the worker's pool state. With
+``"env": {"NANOSPEC_DEBUG_RECORD": 1}`` it also returns the worker's debug record (``nanospec_vllm/vllm/debug.py``:
+per request, the ids the runtime added and why, and the active sets it held), the prompt ids and the request ids.
 """
 
 from __future__ import annotations
@@ -42,8 +44,13 @@ def main() -> None:
     # too); the offline LLM stops stepping as soon as outputs are done, so take that one step here.
     llm.llm_engine.step()
     pool = llm.llm_engine.collective_rpc(_pool_state) if job.get("spec", {}).get("nanospec") is not None else None
+    result = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "metrics": metrics, "pool": pool}
+    if os.environ.get("NANOSPEC_DEBUG_RECORD") == "1":
+        result["debug"] = llm.llm_engine.collective_rpc(_debug_state)
+        result["prompt_ids"] = [p["prompt_token_ids"] for p in prompts]
+        result["request_ids"] = [o.request_id for o in outs]
     with open(job["out"], "w") as f:
-        json.dump({"tokens": [list(o.outputs[0].token_ids) for o in outs], "metrics": metrics, "pool": pool}, f)
+        json.dump(result, f)
 
 
 def _pool_state(worker):
@@ -53,6 +60,11 @@ def _pool_state(worker):
     b = rt.head.binding
     return {"in_use": rt.pool.num_in_use, "impl": rt.impl, "head_rows": None if b is None else int(b.weight.shape[0]),
             "row_index": b is not None and b.row_index is not None, "totals": dict(rt.stats.totals)}
+
+
+def _debug_state(worker):
+    rt = getattr(worker.model_runner, "_nanospec_runtime", None)
+    return None if rt is None or rt.debug is None else rt.debug.state()
 
 
 if __name__ == "__main__":
