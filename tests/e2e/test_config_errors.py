@@ -50,3 +50,12 @@ def test_serve_exits_with_the_key_name(qwen05b, tmp_path):
                        check=False)
     assert p.returncode != 0
     assert "nanospec.full_policy: must be one of: 'stop' or 'fifo'" in p.stdout + p.stderr
+
+
+def test_hot_set_outside_the_target_vocabulary_named(qwen05b, tmp_path):
+    hot = tmp_path / "llama3-hot.txt"
+    hot.write_text("# made for a 256k vocabulary\n10\n200000\n")
+    with pytest.raises(NanoSpecConfigError, match=r"llama3-hot.txt holds 1 ids outside the target vocabulary "
+                                                  r"\[0, 151936\)"):
+        _engine_config(qwen05b, {"method": "draft_model", "model": str(qwen05b), "num_speculative_tokens": 2,
+                                 "nanospec": {"hot_set_path": str(hot)}})

@@ -126,3 +126,45 @@ def test_shipped_default_hot_set_loads() -> None:
 
     cfg = parse_config(load_config_file(Path(__file__).resolve().parents[2] / "configs" / "nanospec.yaml")["nanospec"])
     assert cfg.target_topk == 64 and len(cfg.hot_set()) == 512 and all(0 <= i < 151_665 for i in cfg.hot_set())
+
+
+def test_ids_checked_against_the_target_vocabulary(tmp_path):
+    from nanospec_vllm.config import check_against_target
+
+    hot = tmp_path / "hot.txt"
+    hot.write_text("5\n7\n151936\n")
+    cfg = parse_config({"hot_set_path": str(hot)})
+    with pytest.raises(NanoSpecConfigError, match=r"hot_set_path: .*hot.txt holds 1 ids outside .*\[151936\]"):
+        check_against_target(cfg, 151936)
+    check_against_target(cfg, 151937)  # fits a larger vocabulary
+    check_against_target(parse_config({"hot_set_path": str(hot), "hot_set_size": 2}), 151936)  # only the first 2
+    with pytest.raises(NanoSpecConfigError, match=r"always_active_ids: 1 ids outside .* \[900\]"):
+        check_against_target(parse_config({"always_active_ids": [1, 900]}), 500)
+
+
+def test_unreadable_hot_set_is_a_config_error(tmp_path):
+    d = tmp_path / "dir.txt"
+    d.mkdir()
+    f = tmp_path / "latin1.txt"
+    f.write_bytes(b"\xff\xfe\x00 1\n")
+    with pytest.raises(NanoSpecConfigError, match="file not found"):
+        parse_config({"hot_set_path": str(d)})
+    with pytest.raises(NanoSpecConfigError, match="cannot read the hot-set file|not a list of integer"):
+        parse_config({"hot_set_path": str(f)})
+
+
+def test_eagle3_d2t_must_fit_the_target(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from nanospec_vllm.config import check_against_target
+
+    head = tmp_path / "head"
+    head.mkdir()
+    d2t = torch.tensor([0, 5, 10, 20])  # target id = row + d2t[row]: 0, 6, 12, 23
+    save_file({"d2t": d2t, "fc.weight": torch.zeros(2, 2)}, str(head / "model.safetensors"))
+    cfg = parse_config({})
+    check_against_target(cfg, 24, "eagle3", head)
+    with pytest.raises(NanoSpecConfigError, match=r"d2t .* target ids \[0, 23\], outside the target vocabulary \[0, 20\)"):
+        check_against_target(cfg, 20, "eagle3", head)
+    check_against_target(cfg, 20, "eagle", head)  # only EAGLE-3 heads carry a d2t map

@@ -8,7 +8,13 @@
   popped before vLLM's pydantic model (which forbids extra keys) sees it, validated by
   :func:`nanospec_vllm.config.split_speculative_config` (errors name the key, at start-up, in the front end),
   and stored as JSON in ``additional_config["nanospec"]``, which vLLM pickles to the engine core and workers.
-  On CUDA the V2 model runner is switched off for such engines (``VLLM_USE_V2_MODEL_RUNNER=0``, logged once).
+  After vLLM's method, :func:`nanospec_vllm.config.check_against_target` checks the configured ids (and an
+  EAGLE-3 head's ``d2t``) against the target vocabulary, so a mismatch fails at start-up.
+  NanoSpec runs in vLLM's V1 model runner only (the V2 runner would accept the block and draft with the full
+  head): for such engines :func:`require_v1_runner` sets ``VLLM_USE_V2_MODEL_RUNNER=0`` when it is unset (logged
+  once; V2 is the default on CUDA), and refuses, naming the cause and the fix, what forces V2 in the installed
+  vLLM (``VllmConfig.use_v2_model_runner``): ``VLLM_USE_V2_MODEL_RUNNER=1``, ``--watermark-config``, and
+  ``hisparse_config`` in ``--attention-config``.
   Removal: when vLLM has an extension point for out-of-tree speculative options.
 Cost: a dict copy at start-up.
 """
@@ -58,12 +64,61 @@ def _make_add_cli_args(orig: Any) -> Any:
 
 
 _v2_logged = False
+V2_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+def v2_runner_cause(args: Any) -> tuple[str, str] | None:
+    """``(cause, fix)`` when vLLM would run this engine on its V2 model runner whatever NanoSpec sets, else None.
+
+    Mirrors ``VllmConfig.use_v2_model_runner`` of the installed vLLM: HiSparse attention and watermarking force V2
+    (even over ``VLLM_USE_V2_MODEL_RUNNER=0``), and the variable decides when it is set (``bool(int(value))``; a
+    value that is not an integer is left to vLLM's own error). Reads ``args`` (``EngineArgs``) and the environment.
+    """
+    att = getattr(args, "attention_config", None)
+    hisparse = att.get("hisparse_config") if isinstance(att, dict) else getattr(att, "hisparse_config", None)
+    if hisparse is not None:
+        return ("--attention-config sets hisparse_config, which forces vLLM's V2 model runner",
+                "remove hisparse_config from --attention-config, or remove the `nanospec` block")
+    if getattr(args, "watermark_config", None) is not None:
+        return ("--watermark-config (watermarking) forces vLLM's V2 model runner",
+                "remove --watermark-config, or remove the `nanospec` block")
+    raw = os.environ.get(V2_ENV)
+    if raw is not None:
+        try:
+            on = bool(int(raw))
+        except ValueError:
+            return None
+        if on:
+            return (f"{V2_ENV}={raw} selects vLLM's V2 model runner",
+                    (f"unset {V2_ENV} (NanoSpec then selects the V1 runner) or set {V2_ENV}=0, "
+                     "or remove the `nanospec` block"))
+    return None
+
+
+def require_v1_runner(args: Any) -> None:
+    """Refuse an engine that V2 would run (:func:`v2_runner_cause`); else select V1 when nothing chose a runner.
+
+    Touches ``os.environ[VLLM_USE_V2_MODEL_RUNNER]`` (inherited by the engine-core and worker processes)."""
+    from ...config import NanoSpecConfigError
+
+    cause = v2_runner_cause(args)
+    if cause is not None:
+        raise NanoSpecConfigError(
+            f"NanoSpec runs in vLLM's V1 model runner only, but {cause[0]}: the V2 runner would accept the "
+            f"`nanospec` block and silently draft with the full head. Fix: {cause[1]}.")
+    global _v2_logged
+    if os.environ.get(V2_ENV) is None:
+        os.environ[V2_ENV] = "0"
+        if not _v2_logged:
+            _v2_logged = True
+            logger.info("NanoSpec: using vLLM's V1 model runner (%s=0); the V2 runner is not supported yet", V2_ENV)
 
 
 def _make_create_speculative_config(orig: Any) -> Any:
     def create_speculative_config(self: Any, target_model_config: Any, target_parallel_config: Any) -> Any:
         from ...config import (
             NanoSpecConfigError,
+            check_against_target,
             check_engine,
             check_tensor_parallel,
             load_config_file,
@@ -85,23 +140,22 @@ def _make_create_speculative_config(orig: Any) -> Any:
                 raise NanoSpecConfigError("NanoSpec needs additional_config to be a dict (or unset)")
             ac["nanospec"] = ns.model_dump(mode="json")
             check_tensor_parallel(getattr(target_parallel_config, "tensor_parallel_size", 1))  # before vLLM builds
-            global _v2_logged
-            if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
-                os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-                if not _v2_logged:
-                    _v2_logged = True
-                    logger.info("NanoSpec: using vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0); "
-                                "the V2 runner is not supported yet")
         elif isinstance(self.additional_config, dict) and "nanospec" in self.additional_config:
             # given directly as --additional-config '{"nanospec": {...}}': validate it the same way
             _, ns = split_speculative_config({"nanospec": self.additional_config["nanospec"]},
                                              source="additional_config")
             if ns is not None:
                 self.additional_config["nanospec"] = ns.model_dump(mode="json")
+        if ns is not None:
+            require_v1_runner(self)
         result = orig(self, target_model_config, target_parallel_config)
         if ns is not None:
-            check_engine(getattr(result, "method", None), getattr(target_parallel_config, "tensor_parallel_size", 1),
-                         bool(getattr(result, "use_heterogeneous_vocab", False)))
+            method = check_engine(getattr(result, "method", None),
+                                  getattr(target_parallel_config, "tensor_parallel_size", 1),
+                                  bool(getattr(result, "use_heterogeneous_vocab", False)))
+            vocab = getattr(target_model_config, "get_vocab_size", None)
+            if vocab is not None:  # (None only for the fakes of unit tests)
+                check_against_target(ns, int(vocab()), method, getattr(result, "model", None))
         return result
 
     return create_speculative_config
