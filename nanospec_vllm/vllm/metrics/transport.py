@@ -1,21 +1,31 @@
 """How NanoSpec statistics travel from the engine core to the front end (both processes import this).
 
-A payload is the dict :meth:`.worker.StepStats.drain` returns. The scheduler patch keeps payloads that arrive while
-no ``SchedulerStats`` is being sent and merges them (:func:`merge_payloads`); the front-end patch pops the entry
-``PAYLOAD_KEY`` before vLLM's own loggers read ``ec_connector_stats``.
+A payload is the dict :meth:`.worker.StepStats.drain` returns. It travels in a field of NanoSpec's own,
+``SchedulerStats.nanospec_stats`` (:data:`STATS_FIELD`), which the ``SchedulerStats.nanospec_stats`` patch
+adds to vLLM's dataclass in every process that loads the plugin. vLLM's msgpack encoder serialises a dataclass's
+declared fields only (an extra attribute would be dropped on the way), and its decoders learn the fields when
+they are built; the plugin is loaded before the engine client builds its decoder. No vLLM code reads that field,
+so no connector, logger or Prometheus collector can ever see (or be confused by) NanoSpec's payload.
+
+The scheduler patch keeps payloads that arrive while no ``SchedulerStats`` is being sent and merges them
+(:func:`merge_payloads`), then :func:`attach` puts the merged payload on the outgoing stats; the front-end patch
+takes it off (:func:`take`) before vLLM's loggers run. Cost: a dict merge per step, a few attribute reads.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PAYLOAD_KEY", "SIZE_BUCKETS", "merge_payloads"]
+__all__ = ["SIZE_BUCKETS", "STATS_FIELD", "attach", "merge_payloads", "take"]
 
-PAYLOAD_KEY = "__nanospec__"
+#: The SchedulerStats field NanoSpec adds and owns (vLLM has no field of that name; the patch refuses to start
+#: if a vLLM version ever adds one).
+STATS_FIELD = "nanospec_stats"
 SIZE_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192, 16384)
 
 
 def merge_payloads(payloads: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Merge queued payloads: counters and size observations add up, gauges keep the latest value."""
     payloads = [p for p in payloads if p]
     if not payloads:
         return None
@@ -24,3 +34,19 @@ def merge_payloads(payloads: list[dict[str, Any]]) -> dict[str, Any] | None:
     for k in ("target", "covered", "no_slot", "fallback"):
         out[k] = sum(int(p.get(k, 0)) for p in payloads)
     return out
+
+
+def attach(scheduler_stats: Any, payload: dict[str, Any] | None) -> None:
+    """Put ``payload`` on ``scheduler_stats`` (engine core), merged with one already there."""
+    if not payload:
+        return
+    prev = getattr(scheduler_stats, STATS_FIELD, None)
+    setattr(scheduler_stats, STATS_FIELD, merge_payloads([prev, payload]) if prev else payload)
+
+
+def take(scheduler_stats: Any) -> dict[str, Any] | None:
+    """Remove and return the payload carried by ``scheduler_stats`` (front end); ``None`` when there is none."""
+    payload = getattr(scheduler_stats, STATS_FIELD, None)
+    if payload is not None:
+        setattr(scheduler_stats, STATS_FIELD, None)
+    return payload or None

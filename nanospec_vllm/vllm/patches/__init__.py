@@ -3,6 +3,8 @@
 Each :class:`~.base.Patch` says why it exists and when it can go; the table in ``docs/architecture.md`` is
 generated from this list (``python -m nanospec_vllm.vllm.patches.table``) and a unit test keeps the two equal.
 ``tests/unit/test_patch_drift.py`` checks every target still exists with the parameters its patch expects.
+Every patch NanoSpec makes is here, including the one that is not on vLLM (``patch_importlib_metadata``, which
+only the ``nanospec serve`` process turns on).
 """
 
 from __future__ import annotations
@@ -17,18 +19,22 @@ def all_patches() -> list[Patch]:
         patch_arg_utils,
         patch_cpu_triton_utils,
         patch_gpu_model_runner,
+        patch_importlib_metadata,
         patch_llm_base_proposer,
         patch_metrics,
         patch_sampling_params,
+        patch_topk_sampler,
     )
 
     return [
         *patch_arg_utils.PATCHES,
         *patch_sampling_params.PATCHES,
         *patch_cpu_triton_utils.PATCHES,
+        *patch_topk_sampler.PATCHES,
         *patch_gpu_model_runner.PATCHES,
         *patch_llm_base_proposer.PATCHES,
         *patch_metrics.PATCHES,
+        *patch_importlib_metadata.PATCHES,
     ]
 
 
@@ -48,7 +54,7 @@ def apply_all() -> list[Patch]:
 
 def markdown_table() -> str:
     """The register as the markdown table ``docs/architecture.md`` shows (one row per patched symbol)."""
-    rows = ["| file | vLLM symbol | why | removal |", "|---|---|---|---|"]
+    rows = ["| file | symbol (`vllm.` omitted) | why | removal |", "|---|---|---|---|"]
     for p in all_patches():
         module = p.make.__module__.rsplit(".", 1)[-1]
         mod, _, attr = p.target.partition(":")
