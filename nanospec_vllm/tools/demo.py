@@ -1,11 +1,19 @@
 """``nanospec demo`` (``make demo``): the main job, end to end on this machine.
 
 First a core check without vLLM (a real prompt, its active set, the sparse head's greedy token vs the dense
-head's, on the 0.5B drafter). Then it starts ``nanospec serve`` with the Qwen2.5-Coder-1.5B target and ``configs/nanospec.yaml`` (0.5B ``draft_model``
-drafter, NanoSpec on by default), sends the same real prompts with NanoSpec on and switched off per request
-(``vllm_xargs: {"nanospec": 0}``: the full draft head), one at a time, greedy, and prints side by side: tokens/s
-(median over prompts), acceptance (from vLLM's own ``/metrics``), mean active-set size and coverage (NanoSpec's
-``/metrics``), and whether the two outputs are identical. Then it stops the server.
+head's, on the 0.5B model). Then it starts ``nanospec serve`` in one of two settings (``--setting``):
+
+* ``eagle`` (default): the Qwen2.5-Coder-0.5B target with its EAGLE-1 head (``configs/examples/eagle-cpu.yaml``),
+  the setting NanoSpec was made for: the head shares the target's 136M-parameter lm_head, most of a draft step's
+  cost. The head is trained once by ``nanospec train-eagle qwen2.5-coder-0.5b`` (~25 min on a 2-core CPU) and
+  cached; later demos start at once.
+* ``draft_model``: the 1.5B target with the 0.5B drafter (``configs/nanospec.yaml``), whose lm_head is a
+  minority of its cost.
+
+It sends the same real prompts with NanoSpec on and switched off per request (``vllm_xargs: {"nanospec": 0}``:
+the full draft head), one at a time, greedy, and prints side by side: tokens/s (median over prompts),
+acceptance (from vLLM's own ``/metrics``), mean active-set size and coverage (NanoSpec's ``/metrics``), and
+whether the two outputs are identical. Then it stops the server.
 
 Timings on a shared 2-core machine are noisy; the modes alternate prompt by prompt so drift hits both alike.
 """
@@ -57,6 +65,22 @@ def _post(base: str, body: dict) -> dict:
     req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     return json.loads(urllib.request.urlopen(req, timeout=600).read())
+
+
+#: What ``make demo`` can show. ``eagle`` is the setting NanoSpec was made for (the head's lm_head is most of the
+#: draft cost); ``draft_model`` is a 0.5B drafter whose lm_head is a minority of its cost.
+SETTINGS = {
+    "eagle": {"target": "qwen2.5-coder-0.5b", "config": "examples/eagle-cpu.yaml", "head": True},
+    "draft_model": {"target": "qwen2.5-coder-1.5b", "config": "nanospec.yaml"},
+}
+DEFAULT_SETTING = "eagle"
+
+
+def setting_head() -> Path:
+    """Where ``nanospec train-eagle qwen2.5-coder-0.5b`` puts its head (what ``examples/eagle-cpu.yaml`` names)."""
+    from .assets import cache_root
+
+    return cache_root() / "heads" / "eagle1-qwen2.5-coder-0.5b"
 
 
 def _free_port() -> int:
@@ -119,8 +143,11 @@ def main(argv: list[str]) -> int:
     from .engine import preload_iomp
 
     ap = argparse.ArgumentParser(prog="nanospec demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--target", default="qwen2.5-coder-1.5b", help="prepared model name or a model folder")
-    ap.add_argument("--config", default=str(configs_dir() / "nanospec.yaml"), help="speculative config file")
+    ap.add_argument("--setting", choices=sorted(SETTINGS), default=DEFAULT_SETTING,
+                    help="eagle: the 0.5B target with its trained EAGLE-1 head (trained and cached on first use, "
+                         "~20 min); draft_model: the 1.5B target with the 0.5B drafter")
+    ap.add_argument("--target", default=None, help="prepared model name or a model folder (default: the setting's)")
+    ap.add_argument("--config", default=None, help="speculative config file (default: the setting's)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--prompts", help="Spec-Bench style question.jsonl (first turn of each line) instead of the "
                                       "built-in prompts")
@@ -128,6 +155,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--log", default=None, help="server log file (default: a temp file)")
     ap.add_argument("--no-core-check", action="store_true", help="skip the core check before serving")
     a = ap.parse_args(argv)
+    setting = SETTINGS[a.setting]
+    a.target = a.target or setting["target"]
+    a.config = a.config or str(configs_dir() / setting["config"])
+    if a.setting == "eagle" and setting.get("head") and not (setting_head() / "config.json").is_file():
+        print("nanospec demo: training the EAGLE head first (once; cached): nanospec train-eagle "
+              f"{setting['target']}", flush=True)
+        from .eagle.train import train_eagle
+
+        train_eagle([setting["target"]])
 
     target = Path(a.target) if Path(a.target).is_dir() else model_path(a.target)
     if target is None:
