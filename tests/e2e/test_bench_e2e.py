@@ -75,3 +75,23 @@ def test_real_task_loader(qwen05b, tmp_path):
                      tmp_path)
     assert data["header"]["settings"]["tasks"] == {"humaneval": 1} and data["mismatches"] == []
     assert {(r["task"], r["config"]) for r in data["rows"]} == {("humaneval", "no-spec"), ("humaneval", "nanospec")}
+
+
+def test_random_weight_eagle_head_runs_through_the_bench(qwen05b, tmp_path):
+    """A cost-only head (``train-eagle --random-weights``) for any target drafts in ``bench e2e --method eagle``:
+    draft cost is measured with and without NanoSpec, NanoSpec's outputs equal the head's without it."""
+    head = tmp_path / "random-head"
+    p = subprocess.run([sys.executable, "-m", "nanospec_vllm.cli", "train-eagle", str(qwen05b), "--random-weights",
+                        "--out", str(head)], capture_output=True, text=True, timeout=600, check=False)
+    assert p.returncode == 0 and p.stdout.strip().endswith(str(head)), (p.stdout + p.stderr)[-3000:]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Write a haiku about the sea."}) + "\n")
+    data, _ = _bench(["--prompts", str(prompts), "--batch", "1", "--method", "eagle", "--k", "2", "--draft", str(head),
+                      "--configs", "eagle-full,eagle-nanospec"], tmp_path)
+    assert data["mismatches"] == [] and data["errors"] == []
+    rows = {r["config"]: r for r in data["rows"]}
+    assert set(rows) == {"eagle-full", "eagle-nanospec"}
+    for r in rows.values():
+        assert r["method"] == "eagle" and r["k"] == 2 and r["draft_ms_per_step"] > 0
+    assert rows["eagle-nanospec"]["mean_active"] > 0 and rows["eagle-full"]["mean_active"] is None
+    assert rows["eagle-nanospec"]["output_hash"] == rows["eagle-full"]["output_hash"]
