@@ -251,3 +251,11 @@ def test_cli_dispatch_and_bad_options(capsys):
     assert cli.main(["bench", "e2e", "--configs", "bogus", "--model", str(ROOT), "--draft", str(ROOT),
                      "--prompts", str(ROOT / "nope.jsonl")]) == 2
     assert "prompt file not found" in capsys.readouterr().err
+
+
+def test_plot_from_fixed_json(tmp_path, capsys):
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(FIXED))
+    png = tmp_path / "plots" / "r.png"
+    assert e2e.main(["--markdown", str(f), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
