@@ -55,12 +55,14 @@ def preload_iomp(env: dict[str, str]) -> str | None:
     """Put :func:`find_iomp`'s library first in ``env["LD_PRELOAD"]`` for a child engine process; return it.
 
     vLLM's CPU worker advises it: with GNU OpenMP a speculative-decoding engine on a loaded 2-core machine ran
-    10-20x slower (descheduled spinning threads). Does nothing when the library is absent or already preloaded.
+    10-20x slower (descheduled spinning threads). GNU OpenMP entries are dropped from the list: vLLM's CPU platform
+    adds torch's ``libgomp`` to ``os.environ["LD_PRELOAD"]`` of any process that built a CPU engine config, and its
+    multiprocess executor refuses both at once (``assert not (use_iomp and use_gomp)``). Does nothing when the
+    library is absent.
     """
     lib = find_iomp()
     if lib is None:
         return None
-    cur = env.get("LD_PRELOAD", "")
-    if lib not in cur.split(":"):
-        env["LD_PRELOAD"] = ":".join(x for x in (lib, cur) if x)
+    rest = [x for x in env.get("LD_PRELOAD", "").split(":") if x and x != lib and "libgomp" not in x]
+    env["LD_PRELOAD"] = ":".join([lib, *rest])
     return lib

@@ -259,3 +259,22 @@ def test_plot_from_fixed_json(tmp_path, capsys):
     png = tmp_path / "plots" / "r.png"
     assert e2e.main(["--markdown", str(f), "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
+
+
+def test_preload_iomp_replaces_gnu_openmp(monkeypatch):
+    """vLLM's CPU platform adds torch's libgomp to LD_PRELOAD of a process that built an engine config; a child
+    with both OpenMP runtimes preloaded fails vLLM's multiprocess executor (assert not (use_iomp and use_gomp))."""
+    from nanospec_vllm.tools import engine
+
+    monkeypatch.setattr(engine, "find_iomp", lambda: "/venv/lib/libiomp5.so")
+    env = {"LD_PRELOAD": "/venv/lib/python3.11/site-packages/torch.libs/libgomp-a34b3233.so.1:/x/libtcmalloc.so"}
+    assert engine.preload_iomp(env) == "/venv/lib/libiomp5.so"
+    assert env["LD_PRELOAD"] == "/venv/lib/libiomp5.so:/x/libtcmalloc.so"
+    engine.preload_iomp(env)  # idempotent
+    assert env["LD_PRELOAD"] == "/venv/lib/libiomp5.so:/x/libtcmalloc.so"
+    empty: dict[str, str] = {}
+    engine.preload_iomp(empty)
+    assert empty["LD_PRELOAD"] == "/venv/lib/libiomp5.so"
+    monkeypatch.setattr(engine, "find_iomp", lambda: None)
+    untouched = {"LD_PRELOAD": "/x/libgomp.so"}
+    assert engine.preload_iomp(untouched) is None and untouched == {"LD_PRELOAD": "/x/libgomp.so"}

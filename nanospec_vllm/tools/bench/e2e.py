@@ -79,7 +79,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..engine import chat_ids, engine_kwargs, find_iomp, set_engine_env
+from ..engine import chat_ids, engine_kwargs, find_iomp, preload_iomp, set_engine_env
 
 ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_SPEC_BENCH = ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
@@ -608,7 +608,7 @@ def run_engine(job: dict[str, Any], workdir: Path, tag: str, timeout: float) -> 
         env.setdefault(k, v)
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if job.get("ld_preload"):
-        env["LD_PRELOAD"] = ":".join(x for x in (job["ld_preload"], env.get("LD_PRELOAD", "")) if x)
+        preload_iomp(env)
     log = workdir / f"{tag}.log"
     with open(log, "w") as lf:
         p = subprocess.run([sys.executable, "-m", "nanospec_vllm.tools.bench.e2e", "--engine-job", str(job_path)],
