@@ -217,6 +217,17 @@ def model_path(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Pa
 # ------------------------------------------------------------------------------------------ progress
 
 
+
+def model_dir(name: str) -> Path:
+    """A model folder, or a prepared model's name; exits naming the command to run when it is neither."""
+    p = Path(os.path.expanduser(name))
+    if p.is_dir():
+        return p
+    mp = model_path(name)
+    if mp is None:
+        raise SystemExit(f"model {name!r} is neither a folder nor prepared (run `nanospec prepare-models {name}`)")
+    return Path(mp)
+
 def _say(progress: bool, msg: str) -> None:
     if progress:
         print(f"nanospec: {msg}", file=sys.stderr, flush=True)

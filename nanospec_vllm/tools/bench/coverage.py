@@ -491,15 +491,9 @@ def _limit(rows: list[tuple[str, str]], limit: int | None) -> list[tuple[str, st
 
 # ---------------------------------------------------------------------------------------------- cache
 def _resolve(name: str) -> Path:
-    p = Path(os.path.expanduser(name))
-    if p.is_dir():
-        return p
-    from ..assets import model_path
+    from ..assets import model_dir
 
-    mp = model_path(name)
-    if mp is None:
-        raise SystemExit(f"model {name!r} is neither a folder nor prepared (run `nanospec prepare-models {name}`)")
-    return Path(mp)
+    return model_dir(name)
 
 
 def cache_dir(target: Path, draft: Path) -> Path:

@@ -332,15 +332,9 @@ def fitting_prompts(base: str, model: str, prompts: list[str], limit: int) -> li
 
 
 def _resolve_model(name: str) -> Path:
-    p = Path(os.path.expanduser(name))
-    if p.is_dir():
-        return p
-    from ..assets import model_path
+    from ..assets import model_dir
 
-    mp = model_path(name)
-    if mp is None:
-        raise SystemExit(f"model {name!r} is neither a folder nor prepared (run `nanospec prepare-models {name}`)")
-    return Path(mp)
+    return model_dir(name)
 
 
 def _log(msg: str) -> None:
