@@ -84,6 +84,18 @@ class NanoSpecConfig(BaseModel):
         "None (default): never. Measurements behind the choice: docs/benchmarks/kernels-*.md.",
     )
 
+    guard_coverage: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Break-even guard: a request whose running coverage falls below this drafts with the full "
+        "head until it recovers (0: off). `nanospec bench e2e` reports the break-even per task group.",
+    )
+    guard_hysteresis: float = Field(0.05, ge=0.0, le=0.5,
+                                    description="A guarded request returns to the sparse head at guard_coverage + this.")
+    guard_window: int = Field(32, ge=1, le=4096,
+                              description="Drafted positions the guard's running coverage averages over.")
+
     @field_validator("always_active_ids")
     @classmethod
     def _non_negative(cls, v: tuple[int, ...]) -> tuple[int, ...]:

@@ -30,22 +30,36 @@ __all__ = ["BatchPlan", "VerifiedUpdate", "logits_starts", "plan_batch", "prompt
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """Which batch rows draft with the sparse head: ``slots[i]`` is row ``i``'s pool slot, ``-1`` = full head."""
+    """Which batch rows draft with the sparse head: ``slots[i]`` is row ``i``'s pool slot (``-1``: none).
+
+    ``tracked_rows`` hold a slot (their sets are updated); of those, ``on_rows`` draft with the sparse head and
+    ``guarded_rows`` with the full head (the break-even guard, :mod:`..guard`); ``off_rows`` are the rows that draft
+    with the full head: no slot (switch off, no free slot) or guarded.
+    """
 
     slots: tuple[int, ...]  # [B]
-    on_rows: tuple[int, ...]  # rows with a slot
-    off_rows: tuple[int, ...]  # rows without (switch off, no free slot)
+    on_rows: tuple[int, ...]
+    off_rows: tuple[int, ...]
+    guarded_rows: tuple[int, ...] = ()
 
     @property
     def batch_size(self) -> int:
         return len(self.slots)
 
+    @property
+    def tracked_rows(self) -> tuple[int, ...]:
+        return tuple(i for i, s in enumerate(self.slots) if s >= 0)
 
-def plan_batch(req_ids: Sequence[Hashable], slot_of: Callable[[Hashable], int | None]) -> BatchPlan:
-    """Map the batch's rows (``req_ids`` in row order) to pool slots."""
+
+def plan_batch(req_ids: Sequence[Hashable], slot_of: Callable[[Hashable], int | None],
+               guarded: Sequence[bool] | None = None) -> BatchPlan:
+    """Map the batch's rows (``req_ids`` in row order) to pool slots; ``guarded[slot]`` (host flags of the
+    break-even guard, optional) sends a slot's row to the full head."""
     slots = tuple(-1 if (s := slot_of(r)) is None else int(s) for r in req_ids)
-    return BatchPlan(slots, tuple(i for i, s in enumerate(slots) if s >= 0),
-                     tuple(i for i, s in enumerate(slots) if s < 0))
+    g = tuple(i for i, s in enumerate(slots) if s >= 0 and guarded is not None and guarded[s])
+    gs = set(g)
+    return BatchPlan(slots, tuple(i for i, s in enumerate(slots) if s >= 0 and i not in gs),
+                     tuple(i for i, s in enumerate(slots) if s < 0 or i in gs), g)
 
 
 def logits_starts(num_draft_all: Sequence[int] | None, batch_size: int) -> list[int]:

@@ -151,6 +151,24 @@ def calibration_prompts(n: int, seed: int = 0, families: tuple[str, ...] = FAMIL
     return out
 
 
-if __name__ == "__main__":  # quick look: python -m nanospec_vllm.tools.calibration 7
-    for p in calibration_prompts(int(sys.argv[1]) if len(sys.argv) > 1 else 7):
-        print(f"--- {p.family} ({p.source})\n{p.prompt[:300]}")
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nanospec_vllm.tools.calibration [N] [--seed S] [--jsonl]``: show N prompts, or write them as
+    ``{"prompt", "task"}`` rows (task = family) for ``nanospec bench e2e --prompts``."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m nanospec_vllm.tools.calibration")
+    ap.add_argument("n", type=int, nargs="?", default=7)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jsonl", action="store_true", help="one JSON row per prompt on stdout")
+    a = ap.parse_args(argv)
+    for p in calibration_prompts(a.n, seed=a.seed):
+        if a.jsonl:
+            print(json.dumps({"prompt": p.prompt, "task": p.family}))
+        else:
+            print(f"--- {p.family} ({p.source})\n{p.prompt[:300]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

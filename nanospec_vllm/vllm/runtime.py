@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from ..config import NanoSpecConfig, check_engine, parse_config, request_enabled
+from ..guard import CoverageGuard, GuardParams
 from ..ops import resolve_impl
 from ..state import ActiveVocabPool, PoolFullError
 from ..step import BatchPlan, logits_starts, plan_batch, prompt_rows, verified_update
@@ -63,6 +64,7 @@ class StepContext:
     plan: BatchPlan | None = None  # row -> slot map of the batch being drafted
     slots: torch.Tensor | None = None  # [B] int64 on the device, -1 = full head
     on_idx: torch.Tensor | None = None  # [len(on_rows)] int64
+    tracked_idx: torch.Tensor | None = None  # [len(tracked_rows)] int64: rows whose sets are updated
     off_idx: torch.Tensor | None = None  # [len(off_rows)] int64
     active: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, counts) of on rows, read once per propose
 
@@ -90,7 +92,7 @@ class _PinnedPair:
 class IndexStaging:
     """The per-step index vectors, staged on the host and copied to the device in one non-blocking copy.
 
-    One ``CpuGpuBuffer`` (vLLM's pinned host + device pair) of ``[STAGING_RING, 5 * max_rows]`` int64, allocated
+    One ``CpuGpuBuffer`` (vLLM's pinned host + device pair) of ``[STAGING_RING, 6 * max_rows]`` int64, allocated
     once. :meth:`put` writes the vectors side by side into the next host row (numpy, no tensor op), copies that row
     to the device with ``non_blocking=True`` and records a CUDA event; the row is reused ``STAGING_RING`` steps
     later, after waiting on that event (long completed by then: vLLM reads its own sampled tokens every step), so a
@@ -104,7 +106,7 @@ class IndexStaging:
             CpuGpuBuffer = _PinnedPair
 
         self.device = device
-        self.width = 5 * max(1, int(max_rows))  # slots + on/off rows (2 B) + verified rows, drafts, starts (3 R)
+        self.width = 6 * max(1, int(max_rows))  # slots + on/off rows (2 B) + tracked + verified rows, drafts, starts
         self.buf = CpuGpuBuffer(STAGING_RING, self.width, dtype=torch.int64, device=device)
         self._events: list[Any] = [None] * STAGING_RING
         self._next = 0
@@ -188,11 +190,14 @@ class NanoSpecRuntime:
         self.stats = StepStats(self.device, max_sizes=num_slots)
         self.staging = IndexStaging(num_slots, self.device)
         self.head = SparseDraftHead(self)
+        gp = GuardParams(cfg.guard_coverage, cfg.guard_hysteresis, float(cfg.guard_window))
+        self.guard = CoverageGuard(num_slots, self.device, gp) if gp.enabled else None
         self.ctx: StepContext | None = None
         self.debug = DebugRecorder.from_env(self.pool)  # None unless NANOSPEC_DEBUG_RECORD=1 (tests only)
         logger.info(
-            "NanoSpec active: method=%s capacity=%d slots=%d pinned=%d policy=%s kernel=%s pool=%.1f MiB",
+            "NanoSpec active: method=%s capacity=%d slots=%d pinned=%d policy=%s kernel=%s pool=%.1f MiB guard=%s",
             self.method, cfg.capacity, num_slots, len(pinned), cfg.full_policy, self.impl, self.pool.nbytes / 2**20,
+            CoverageGuard.describe(gp),
         )
 
     # ------------------------------------------------------------------ set-up
@@ -239,7 +244,9 @@ class NanoSpecRuntime:
         if self.debug is not None:
             self.debug.add(req_id, "seed", seed)
         try:
-            self.pool.seed(req_id, seed)
+            slot = self.pool.seed(req_id, seed)
+            if self.guard is not None:
+                self.guard.reset(slot)
         except PoolFullError:
             logger.warning("NanoSpec: no free slot for %s; it drafts with the full head", req_id)
             self.stats.no_slot += 1
@@ -291,27 +298,35 @@ class NanoSpecRuntime:
         if self.debug is not None:
             self.debug.before_propose(runner, sampled, spec_meta, ctx.topk)
         num_reqs = runner.input_batch.num_reqs
-        plan = plan_batch(runner.input_batch.req_ids[:num_reqs], self.pool.slot_of)
+        flags = None
+        if self.guard is not None:
+            fires = self.guard.fires
+            flags = self.guard.poll()  # the newest host copy that has arrived: never waits
+            self.stats.guard_fires += self.guard.fires - fires
+        plan = plan_batch(runner.input_batch.req_ids[:num_reqs], self.pool.slot_of, flags)
         ctx.plan = plan
+        tracked = plan.tracked_rows
+        self.stats.planned += len(tracked)
+        self.stats.guarded += len(plan.guarded_rows)
         topk, ctx.topk = ctx.topk, None
         rows: list[int] = []
         nd_rows: list[int] = []
         start_rows: list[int] = []
         nd_all = None
-        if plan.on_rows:  # host lists only (vLLM's host-side mask and draft counts)
+        if tracked:  # host lists only (vLLM's host-side mask and draft counts)
             discard = runner.discard_request_mask.np[:num_reqs]
-            rows = [i for i in plan.on_rows if not discard[i]]  # partial prefills emit nothing
+            rows = [i for i in tracked if not discard[i]]  # partial prefills emit nothing
             nd_all = None if spec_meta is None else list(spec_meta.num_draft_tokens)
             starts_all = logits_starts(nd_all, num_reqs)
             nd_rows = [] if nd_all is None else [nd_all[i] for i in rows]
             start_rows = [starts_all[i] for i in rows]
         # every index vector of the step in one non-blocking host -> device copy
-        ctx.slots, ctx.on_idx, ctx.off_idx, idx, nd, starts = self.staging.put(
-            plan.slots, plan.on_rows, plan.off_rows, rows, nd_rows, start_rows)
-        if not plan.on_rows:
+        ctx.slots, ctx.on_idx, ctx.off_idx, ctx.tracked_idx, idx, nd, starts = self.staging.put(
+            plan.slots, plan.on_rows, plan.off_rows, tracked, rows, nd_rows, start_rows)
+        if not tracked:
             return
         if self.cfg.prompt_topk:
-            self._add_prompt_topk(runner, plan.on_rows, ctx.slots, hidden, attn_meta)
+            self._add_prompt_topk(runner, tracked, ctx.slots, hidden, attn_meta)
         if not rows:
             return
         if isinstance(sampled, list):
@@ -321,6 +336,9 @@ class NanoSpecRuntime:
         rslots = ctx.slots[idx]
         covered = self.pool.contains(rslots, s) & upd.drafted  # against the set the drafts were made from
         self.stats.add_coverage(upd.drafted.sum(), covered.sum())
+        if self.guard is not None:
+            self.guard.update(rslots, upd.drafted.sum(1), covered.sum(1))
+            self.guard.stage()
         self.pool.extend(rslots, upd.new_ids)
 
     def _add_prompt_topk(self, runner: Any, rows: tuple[int, ...], slots: torch.Tensor, hidden: Any,
@@ -343,7 +361,7 @@ class NanoSpecRuntime:
         ctx = self.ctx
         if self.debug is not None and ctx is not None:
             self.debug.after_propose(draft_ids)
-        if ctx is None or ctx.plan is None or not ctx.plan.on_rows or not self.cfg.add_draft_tokens:
+        if ctx is None or ctx.plan is None or not ctx.plan.tracked_rows or not self.cfg.add_draft_tokens:
             return
         if isinstance(draft_ids, list):
             if not draft_ids:
@@ -353,4 +371,4 @@ class NanoSpecRuntime:
             return
         if draft_ids.shape[0] != ctx.plan.batch_size:
             return
-        self.pool.extend(ctx.slots[ctx.on_idx], draft_ids[ctx.on_idx].long())
+        self.pool.extend(ctx.slots[ctx.tracked_idx], draft_ids[ctx.tracked_idx].long())

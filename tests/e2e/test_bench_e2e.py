@@ -95,3 +95,24 @@ def test_random_weight_eagle_head_runs_through_the_bench(qwen05b, tmp_path):
         assert r["method"] == "eagle" and r["k"] == 2 and r["draft_ms_per_step"] > 0
     assert rows["eagle-nanospec"]["mean_active"] > 0 and rows["eagle-full"]["mean_active"] is None
     assert rows["eagle-nanospec"]["output_hash"] == rows["eagle-full"]["output_hash"]
+
+
+def test_break_even_guard_on_the_real_engine(qwen05b, tmp_path):
+    """A small policy (no target top-k, no hot set) with ``guard_coverage: 1``: the first miss sends a request to
+    the full head for good (release would need coverage 1.05). The guard fires, the guarded configuration gives
+    the full head's outputs (the bench checks every NanoSpec configuration against ``full-head``) and accepts
+    more than the same policy without the guard."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Explain in two sentences why the sky is blue.", "task": "chat"})
+                       + "\n")
+    small = "nanospec:target_topk=0;hot_set_path=null;hot_set_size=null"
+    guarded = small + ";guard_coverage=1.0;guard_window=1"
+    data, _ = _bench(["--prompts", str(prompts), "--batch", "1", "--max-tokens", "48",
+                      "--configs", f"full-head,{small},{guarded}"], tmp_path)
+    assert data["mismatches"] == [] and data["header"]["identity_checked"] is True
+    rows = {r["config"]: r for r in data["rows"]}
+    g, s = rows[guarded], rows[small]
+    assert s["coverage"] < 1.0 and s["guarded_share"] == 0.0 and s["guard_fires"] == 0
+    assert g["guard_fires"] >= 1 and 0.0 < g["guarded_share"] <= 1.0
+    assert g["tau"] > s["tau"]
+    assert 0.0 <= s["break_even_coverage"] <= 1.0

@@ -153,6 +153,26 @@ def test_aggregate_medians_and_paired_ratios():
     assert summ["nanospec"]["task"] == "median" and summ["nanospec"]["speed_vs_full_head"] == 0.75
 
 
+def test_aggregate_break_even_coverage_pairs_rounds():
+    """Each NanoSpec repeat's break-even coverage comes from the full-head repeat of the same round (tau, step ms)
+    and its own step ms; the row holds the median. Rows without coverage (no NanoSpec) have none."""
+    from nanospec_vllm.guard import break_even_coverage
+
+    reps = {
+        ("qa", "full-head", "draft_model", 1, 4): [_rep(0, 20.0, tau=3.0, step_ms=10.0),
+                                                   _rep(1, 20.0, tau=2.0, step_ms=10.0)],
+        ("qa", "nanospec", "draft_model", 1, 4): [_rep(0, 20.0, tau=2.8, coverage=0.9, step_ms=8.0),
+                                                 _rep(1, 20.0, tau=1.9, coverage=0.9, step_ms=12.0,
+                                                      guarded_share=0.25, guard_fires=2)],
+    }
+    rows = {r["config"]: r for r in e2e.aggregate(reps)}
+    ns = rows["nanospec"]
+    assert [r["break_even_coverage"] for r in ns["repeats"]] == [break_even_coverage(3.0, 10.0, 8.0, 4), 1.0]
+    assert 0.0 < ns["repeats"][0]["break_even_coverage"] < 1.0
+    assert rows["full-head"]["break_even_coverage"] is None
+    assert ns["guarded_share"] == 0.25 and ns["guard_fires"] == 2  # medians over the repeats that report them
+
+
 def test_aggregate_eagle_alias_pairs_with_eagle_full():
     reps = {("qa", "eagle-full", "eagle", 1, 4): [_rep(0, 10.0)],
             ("qa", "eagle-nanospec", "eagle", 1, 4): [_rep(0, 15.0)],
@@ -171,10 +191,12 @@ def test_group_metrics():
     m = e2e.group_metrics(g, spec=True)
     assert m["tokens_per_s"] == 20.0 and m["tau"] == 2.5 and m["accept_rate"] == 0.375
     assert m["coverage"] == 0.75 and m["mean_active"] == 100.0
+    assert (m["drafted"], m["covered"]) == (20, 15)
     assert m["draft_ms_per_step"] == pytest.approx(30.0) and m["step_ms"] == pytest.approx(100.0)
     assert m["requests"] == 2 and m["output_hash"] == e2e.output_hash([[1, 2], [3]])
     none = e2e.group_metrics(dict(g, nanospec=None, spec={}), spec=False)
     assert none["tau"] is None and none["coverage"] is None and none["draft_ms_per_step"] is None
+    assert none["drafted"] is None and none["covered"] is None
 
 
 def test_check_identity():

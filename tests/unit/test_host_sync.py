@@ -215,7 +215,8 @@ def _step(r: Any, rt: Any, proposer: Any, inputs: tuple, greedy: bool, qsl: torc
 
 
 def _host_tensors(rt: Any, qsl: torch.Tensor) -> list[torch.Tensor]:
-    return [*rt.staging.host_buffers(), *rt.stats.host_buffers(), qsl]
+    guard = [] if rt.guard is None else rt.guard.host_buffers()
+    return [*rt.staging.host_buffers(), *rt.stats.host_buffers(), *guard, qsl]
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -250,6 +251,41 @@ def test_a_step_reads_no_device_data(device: str, greedy: bool, prompt_topk: boo
     assert tot["size_n"] == 4  # 2 NanoSpec rows x 2 steps, recorded once per propose
     if device == "cpu":  # the host is the device: every step's figures are ready at its own end
         assert payload["target"] == 4 and payload2["target"] == 4 and len(payload["sizes"]) == 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_guard_sends_a_low_coverage_request_to_the_full_head_without_host_reads(device: str) -> None:
+    """``guard_coverage: 0.99`` with a 1-position window: after its first verification a request whose emitted
+    tokens were not all active is guarded; from the next plan on it drafts with the full head (vLLM's
+    ``_greedy_sample``) while its set is still updated, and the statistics count it. No host read of device
+    data on the way (the flags arrive through the guard's own pinned copies)."""
+    w = torch.randn(V, H, generator=torch.Generator().manual_seed(0)).to(device)
+    r, rt, proposer = _runner({"target_topk": 0, "capacity": 64, "kernel": "torch", "guard_coverage": 0.99,
+                               "guard_window": 1}, device, w)
+    assert rt.guard is not None
+    qsl = torch.tensor([0, 3, 5, 6])
+    inputs = _inputs(device)
+    with HostReadCounter(host=_host_tensors(rt, qsl)) as c:
+        _admit(r, rt, {"a": ([1, 2, 3], None), "b": ([4, 5], 0), "c": ([6, 8, 9], "on")})
+        _step(r, rt, proposer, inputs, True, qsl)  # a: 2, 7 emitted at drafted positions, 2 active; c: 6, 8 both
+        assert rt.ctx is None
+        _step(r, rt, proposer, inputs, True, qsl)
+    assert c.events == [], f"host reads of device data in a step: {c.events}"
+    assert rt.guard.poll()[rt.pool.slot_of("a")] is True and rt.guard.poll()[rt.pool.slot_of("c")] is False
+    tot = rt.stats.totals
+    assert tot["planned"] == 4 and tot["guarded"] == 1 and tot["guard_fires"] == 1
+    assert 7 in rt.pool.active_list("a")  # the guarded request's set keeps growing
+    # a third step, looked at closely: a drafts the full head's argmax, c the argmax over its set
+    _, sampled, hidden = inputs
+    rt.begin_step()
+    rt.before_propose(r, sampled, NS(num_draft_tokens=[2, 1, 2]), hidden, NS(query_start_loc_cpu=qsl))
+    assert rt.ctx.plan.guarded_rows == (0,) and rt.ctx.plan.on_rows == (2,)
+    tok, _ = rt.head.sample(proposer, hidden[:3], NS(all_greedy=True))
+    rt.end_step()
+    full = (hidden[:3].float() @ w.float().T).argmax(-1)
+    assert int(tok[0]) == int(full[0]) and int(tok[1]) == int(full[1])
+    c_ids = torch.tensor(rt.pool.active_list("c"), device=device)
+    assert int(tok[2]) == int(c_ids[(hidden[2].float() @ w[c_ids].float().T).argmax()])
 
 
 def test_a_row_with_no_draftable_id_drafts_the_fallback_on_the_device() -> None:

@@ -25,19 +25,24 @@ def test_step_stats_drain_counts_and_resets():
     st.add_coverage(torch.tensor(2), torch.tensor(2))
     st.record_sizes(torch.tensor([8, 4], dtype=torch.int32))
     st.fallback += 1
+    st.planned += 3
+    st.guarded += 2
+    st.guard_fires += 1
     p = st.drain(pool, "native")
     assert p == {"slots_in_use": 1, "sizes": [8, 4], "target": 7, "covered": 5, "dropped_live": 12, "no_slot": 0,
-                 "fallback": 1, "impl": "native"}
+                 "fallback": 1, "planned": 3, "guarded": 2, "guard_fires": 1, "impl": "native"}
     q = st.drain(pool, "native")
-    assert q["target"] == 0 and q["sizes"] == [] and q["fallback"] == 0
+    assert q["target"] == 0 and q["sizes"] == [] and q["fallback"] == 0 and q["guarded"] == 0
+    assert st.totals["guarded"] == 2 and st.totals["planned"] == 3
 
 
 def test_merge_payloads_sums_counters_keeps_latest_gauges():
     a = {"slots_in_use": 3, "sizes": [1, 2], "target": 4, "covered": 1, "dropped_live": 0, "no_slot": 0,
          "fallback": 0, "impl": "torch"}
     b = {"slots_in_use": 1, "sizes": [5], "target": 6, "covered": 6, "dropped_live": 2, "no_slot": 1,
-         "fallback": 2, "impl": "torch"}
-    m = merge_payloads([a, {}, b])
+         "fallback": 2, "planned": 4, "guarded": 3, "guard_fires": 1, "impl": "torch"}
+    m = merge_payloads([a, {}, {"guarded": 1}, b])
+    assert m["guarded"] == 4 and m["planned"] == 4 and m["guard_fires"] == 1
     assert m["slots_in_use"] == 1 and m["sizes"] == [1, 2, 5] and m["target"] == 10 and m["covered"] == 7
     assert m["fallback"] == 2 and m["no_slot"] == 1 and m["dropped_live"] == 2
     assert merge_payloads([]) is None
@@ -55,6 +60,11 @@ def test_frontend_metrics_and_log_line():
     assert line == ("NanoSpec metrics: mean active vocab 200 ids, coverage 80.0% (8/10 target tokens at drafted "
                     "positions), slots in use 2")
     assert fm.log_line() is None  # nothing new since the last line
+    g0 = fm.guarded._value.get()
+    fm.observe({"slots_in_use": 1, "sizes": [50], "target": 4, "covered": 1, "planned": 4, "guarded": 1,
+                "guard_fires": 1})
+    assert fm.guarded._value.get() == g0 + 1
+    assert fm.log_line().endswith("slots in use 1, full head by the guard 25.0% of drafts")
 
 
 def test_attach_merges_and_take_empties():
@@ -71,6 +81,7 @@ def test_attach_merges_and_take_empties():
 
 # ---------------------------------------------------------------- the transport, through vLLM's real classes
 PAYLOAD = {"slots_in_use": 2, "sizes": [100, 300], "target": 10, "covered": 8, "dropped_live": 0, "no_slot": 0,
+           "planned": 2, "guarded": 1, "guard_fires": 1,
            "fallback": 0, "impl": "native"}
 EC_STATS = {"num_loads": 3, "bytes": [1, 2]}  # what an EC connector would report (ECConnectorStats.data)
 

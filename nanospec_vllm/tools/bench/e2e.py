@@ -36,6 +36,11 @@ What it does:
   on its driver worker directly (no pickling), and ``worker.model_runner`` is the runner whose ``sample_tokens``
   calls ``self.propose_draft_token_ids``. On CUDA the wrappers synchronise the device around each call (the
   timings then include queued work; this adds two syncs per step).
+* **Break-even guard**: ``guarded_share`` (NanoSpec request draft steps the guard sent to the full head) and
+  ``guard_fires`` come from the same counters; ``break_even_coverage`` (NanoSpec rows) is the coverage at which
+  this configuration's step time and the full head's tau and step time of the same round give equal speed
+  (:func:`nanospec_vllm.guard.break_even_coverage`): the value to set ``guard_coverage`` to, measured with the
+  guard off.
 * **OpenMP**: on CPU every engine gets the environment's Intel OpenMP (``libiomp5.so`` next to the interpreter)
   in ``LD_PRELOAD`` (``--iomp auto``, recorded in the header), as vLLM's CPU worker advises for speculative
   decoding. Measured side by side on the 2-core development machine while other jobs oversubscribed it (load
@@ -79,6 +84,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ...guard import break_even_coverage
 from ..engine import chat_ids, engine_kwargs, find_iomp, preload_iomp, set_engine_env
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -97,7 +103,7 @@ STATIC_32K: dict[str, Any] = {"hot_set_size": 32768, "capacity": 32769, "target_
                               "add_draft_tokens": False}
 BASE_CONFIGS = ("no-spec", "full-head", "nanospec", "paper", "static-32k")
 METRICS = ("tokens_per_s", "tau", "accept_rate", "coverage", "mean_active", "draft_ms_per_step", "step_ms",
-           "speed_vs_full_head", "speed_vs_no_spec")
+           "speed_vs_full_head", "speed_vs_no_spec", "guarded_share", "guard_fires", "break_even_coverage")
 
 
 class BenchError(ValueError):
@@ -316,9 +322,16 @@ def group_metrics(g: dict[str, Any], spec: bool) -> dict[str, Any]:
         "accept_rate": acc / dtok if spec and dtok else None,
         "coverage": ns["covered"] / ns["target"] if ns and ns.get("target") else None,
         "mean_active": ns["size_sum"] / ns["size_n"] if ns and ns.get("size_n") else None,
+        # the break-even guard: share of NanoSpec request draft steps it sent to the full head, and its trips
+        "guarded_share": ns.get("guarded", 0) / ns["planned"] if ns and ns.get("planned") else None,
+        "guard_fires": ns.get("guard_fires") if ns else None,
         "draft_ms_per_step": 1e3 * tm["propose_s"] / steps if spec and steps else None,
         "step_ms": 1e3 * (tm["execute_s"] + tm["sample_s"]) / steps if steps else None,
         "steps": steps,
+        # the counts behind ``coverage`` (target tokens at drafted positions, those active when drafted): pooled
+        # over groups they compare with ``bench coverage``'s ``drafted`` / ``covered`` (tests/e2e)
+        "drafted": ns.get("target") if ns else None,
+        "covered": ns.get("covered") if ns else None,
         "tokens": g["n_tokens"],
         "wall_s": g["wall_s"],
         "requests": len(g["outputs"]),
@@ -345,12 +358,17 @@ def aggregate(repeats: dict[tuple, list[dict[str, Any]]]) -> list[dict[str, Any]
         by_round = {name: {r["round"]: r["tokens_per_s"] for r in repeats.get(kk, [])}
                     for name, kk in (("fh", fh_key), ("ns", ns_key)) if kk is not None}
         reps = sorted(reps, key=lambda r: r["round"])
+        fh_reps = {r["round"]: r for r in repeats.get(fh_key, [])} if fh_key is not None else {}
         for r in reps:
             r["speed_vs_full_head"] = _ratio(r["tokens_per_s"], by_round.get("fh", {}).get(r["round"]))
             r["speed_vs_no_spec"] = _ratio(r["tokens_per_s"], by_round.get("ns", {}).get(r["round"]))
+            f = fh_reps.get(r["round"])
+            r["break_even_coverage"] = None
+            if r.get("coverage") is not None and f and f.get("tau") and f.get("step_ms") and r.get("step_ms"):
+                r["break_even_coverage"] = break_even_coverage(f["tau"], f["step_ms"], r["step_ms"], k)
         row: dict[str, Any] = {"task": task, "config": config, "method": method, "batch": batch, "k": k}
         for m in METRICS:
-            row[m] = _median([r[m] for r in reps])
+            row[m] = _median([r.get(m) for r in reps])
         row["requests"] = reps[0]["requests"] if reps else 0
         row["tokens"] = _median([r["tokens"] for r in reps])
         hashes = sorted({r["output_hash"] for r in reps})
@@ -379,7 +397,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 COLUMNS = (("tokens_per_s", "tok/s", "{:.2f}"), ("tau", "tau", "{:.2f}"), ("coverage", "coverage", "{:.1%}"),
            ("mean_active", "mean active", "{:.0f}"), ("draft_ms_per_step", "draft ms/step", "{:.1f}"),
-           ("step_ms", "step ms", "{:.1f}"), ("speed_vs_full_head", "speed vs full-head", "{:.2f}x"))
+           ("step_ms", "step ms", "{:.1f}"), ("speed_vs_full_head", "speed vs full-head", "{:.2f}x"),
+           ("break_even_coverage", "break-even coverage", "{:.1%}"), ("guarded_share", "guarded", "{:.1%}"))
 
 
 def _fmt(v: Any, f: str) -> str:

@@ -36,6 +36,9 @@ class FrontendMetrics:
         self.dropped = Gauge("nanospec_ids_dropped_live", "Ids refused by full sets, summed over live requests",
                              multiprocess_mode="mostrecent")
         self.fallbacks = Counter("nanospec_fallbacks", "Draft calls or requests that used the full head instead")
+        self.guarded = Counter("nanospec_guarded_drafts",
+                               "Request draft steps the break-even guard sent to the full head (guard_coverage)")
+        self.guard_fires = Counter("nanospec_guard_fires", "Times a request went from the sparse to the full head")
         self.kernel = Gauge("nanospec_kernel", "Sparse head implementation in use (1 = this impl)", ["impl"],
                             multiprocess_mode="mostrecent")
         # since the last log line
@@ -44,6 +47,8 @@ class FrontendMetrics:
         self.win_target = 0
         self.win_covered = 0
         self.last_slots = 0
+        self.win_planned = 0
+        self.win_guarded = 0
 
     @classmethod
     def get(cls) -> FrontendMetrics:
@@ -65,6 +70,12 @@ class FrontendMetrics:
         fb = p.get("fallback", 0) + p.get("no_slot", 0)
         if fb:
             self.fallbacks.inc(fb)
+        if p.get("guarded"):
+            self.guarded.inc(p["guarded"])
+        if p.get("guard_fires"):
+            self.guard_fires.inc(p["guard_fires"])
+        self.win_planned += p.get("planned", 0)
+        self.win_guarded += p.get("guarded", 0)
         self.win_sizes += sum(p.get("sizes", []))
         self.win_n += len(p.get("sizes", []))
         self.win_target += p.get("target", 0)
@@ -78,5 +89,7 @@ class FrontendMetrics:
         line = (f"NanoSpec metrics: mean active vocab {mean:.0f} ids, coverage {cov:.1f}% "
                 f"({self.win_covered}/{self.win_target} target tokens at drafted positions), "
                 f"slots in use {self.last_slots}")
-        self.win_sizes = self.win_n = self.win_target = self.win_covered = 0
+        if self.win_guarded:
+            line += f", full head by the guard {100.0 * self.win_guarded / max(1, self.win_planned):.1f}% of drafts"
+        self.win_sizes = self.win_n = self.win_target = self.win_covered = self.win_planned = self.win_guarded = 0
         return line

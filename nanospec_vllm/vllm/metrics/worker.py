@@ -23,11 +23,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["StepStats"]
+__all__ = ["HOST_COUNTERS", "StepStats"]
 
 #: staged steps kept before the oldest one is waited for (the GPU is never this far behind in vLLM)
 MAX_IN_FLIGHT = 8
 _HEAD = 3  # target, covered, dropped; then the sizes
+#: host-side per-step counters: requests that got no slot, draft calls handed to vLLM's head (parallel drafting,
+#: soft cap), NanoSpec rows planned for drafting, those of them the break-even guard sent to the full head, and
+#: guard trips (a request going from the sparse to the full head)
+HOST_COUNTERS = ("no_slot", "fallback", "planned", "guarded", "guard_fires")
 
 
 @dataclass
@@ -55,9 +59,13 @@ class StepStats:
         self._next = 0
         self._pending: deque[_Staged] = deque()
         self._ready: list[dict[str, Any]] = []
-        self._totals = {"target": 0, "covered": 0, "size_sum": 0, "size_n": 0, "fallback": 0, "no_slot": 0}
+        self._totals = {"target": 0, "covered": 0, "size_sum": 0, "size_n": 0, **dict.fromkeys(HOST_COUNTERS, 0)}
+        # host-side counters of the current step (see HOST_COUNTERS)
         self.no_slot = 0
         self.fallback = 0
+        self.planned = 0
+        self.guarded = 0
+        self.guard_fires = 0
         self.reset()
 
     def reset(self) -> None:
@@ -105,10 +113,11 @@ class StepStats:
         if self._cuda:
             event = torch.cuda.Event()
             event.record()
-        self._pending.append(_Staged(host, event, {"slots_in_use": in_use, "no_slot": self.no_slot,
-                                                   "fallback": self.fallback, "impl": impl}))
-        self.no_slot = 0
-        self.fallback = 0
+        meta: dict[str, Any] = {"slots_in_use": in_use, "impl": impl}
+        for k in HOST_COUNTERS:
+            meta[k] = getattr(self, k)
+            setattr(self, k, 0)
+        self._pending.append(_Staged(host, event, meta))
         self.reset()
 
     def _collect(self, wait: bool, limit: int | None = None) -> None:
@@ -129,11 +138,10 @@ class StepStats:
             tot["covered"] += covered
             tot["size_sum"] += sum(sizes)
             tot["size_n"] += len(sizes)
-            tot["fallback"] += st.meta["fallback"]
-            tot["no_slot"] += st.meta["no_slot"]
-            self._ready.append({"slots_in_use": st.meta["slots_in_use"], "sizes": sizes, "target": target,
-                                "covered": covered, "dropped_live": dropped, "no_slot": st.meta["no_slot"],
-                                "fallback": st.meta["fallback"], "impl": st.meta["impl"]})
+            for k in HOST_COUNTERS:
+                tot[k] += st.meta[k]
+            self._ready.append({"sizes": sizes, "target": target, "covered": covered, "dropped_live": dropped,
+                                **st.meta})
             done += 1
 
     def drain(self, pool: Any, impl: str = "", wait: bool = False) -> dict[str, Any]:

@@ -1,0 +1,193 @@
+"""The per-request break-even guard: a request whose running coverage falls below the break-even coverage drafts
+with the full head until its coverage recovers (no vLLM imports; unit-tested in ``tests/unit/test_guard.py``).
+
+Why: the sparse head makes a draft step cheaper, but a draft position whose target token is not active is a sure
+rejection. Below some coverage the lost acceptance costs more than the cheaper steps save, and NanoSpec would be
+the slower choice for that request. :func:`break_even_coverage` gives that coverage from measured step costs.
+
+The rule, per slot, on the device (:func:`guard_update`): after every verification the slot's running counts are
+``covered <- covered * d + c`` and ``drafted <- drafted * d + n`` with ``d = exp(-n / window)`` (``n`` target
+tokens at drafted positions this step, ``c`` of them active when drafted): an exponential average over about
+``window`` drafted positions. Once ``drafted >= window / 2`` (warm-up), a slot is *guarded* when
+``covered / drafted < min_coverage`` and released when it reaches ``min_coverage + hysteresis``. A guarded
+request keeps its slot and its set grows as usual (emitted tokens, the target's top-k, the full head's drafts),
+so its coverage is still measured and it can recover.
+
+The host decides which rows draft with the sparse head, so it needs the flags: :class:`CoverageGuard` copies the
+``[slots]`` flag vector into a pinned host ring with ``non_blocking=True`` after each update and reads a copy
+only once its CUDA event has completed (``Event.query()``, never a wait); the plan of a step uses the newest
+flags that have arrived (on CPU: those of the previous step; on CUDA usually the same or one step older). A slot
+re-seeded after a copy was issued ignores that copy. Cost per step: a few element-wise ops on ``[rows]`` and
+``[slots]`` tensors, one ``slots``-byte copy and one event; no host wait.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["CoverageGuard", "GuardParams", "break_even_coverage", "guard_update", "tau_of"]
+
+#: host copies of the flags in flight before the oldest is waited for (the GPU is never this far behind)
+RING = 4
+
+
+@dataclass(frozen=True)
+class GuardParams:
+    min_coverage: float  # guard below this running coverage (0: never)
+    hysteresis: float = 0.05  # release at min_coverage + hysteresis
+    window: float = 32.0  # drafted positions the running coverage averages over
+
+    @property
+    def enabled(self) -> bool:
+        return self.min_coverage > 0.0
+
+
+def tau_of(alpha: float, k: int) -> float:
+    """Expected tokens per verification with K drafts, each accepted with probability ``alpha`` independently
+    until the first rejection: ``1 + alpha + ... + alpha^K``."""
+    return sum(alpha ** i for i in range(k + 1))
+
+
+def _alpha_of(tau: float, k: int) -> float:
+    lo, hi = 0.0, 1.0
+    tau = min(max(tau, 1.0), k + 1.0)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if tau_of(mid, k) < tau else (lo, mid)
+    return (lo + hi) / 2
+
+
+def break_even_coverage(tau_full: float, step_ms_full: float, step_ms_sparse: float, k: int) -> float:
+    """The coverage at which drafting with the sparse head is exactly as fast as with the full head.
+
+    Model: with the full head every draft position is accepted with probability ``alpha`` (recovered from
+    ``tau_full`` by :func:`tau_of`); with the sparse head a position can be accepted only when the target's token
+    is active, and then whenever the full head's draft would have been (the full argmax, if active, is also the
+    sparse argmax), so ``alpha_sparse = alpha * coverage``. Equal speed means
+    ``tau_of(alpha * c) / step_ms_sparse = tau_full / step_ms_full``; returns that ``c`` (0 when the sparse step
+    is so cheap that even no acceptance breaks even, 1 when it is not cheaper at all).
+    """
+    if step_ms_sparse >= step_ms_full:
+        return 1.0
+    alpha = _alpha_of(tau_full, k)
+    need = tau_full * step_ms_sparse / step_ms_full
+    if need <= 1.0 or alpha <= 0.0:
+        return 0.0
+    a = _alpha_of(need, k)
+    return min(1.0, a / alpha)
+
+
+def guard_update(covered: torch.Tensor, drafted: torch.Tensor, guarded: torch.Tensor, n: torch.Tensor,
+                 c: torch.Tensor, p: GuardParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One verification's update of some slots' running counts and flags (all ``[R]``; ``n`` and ``c`` the step's
+    target tokens at drafted positions and the covered ones). Returns the new ``(covered, drafted, guarded)``."""
+    n = n.to(drafted.dtype)
+    d = torch.exp(-n / p.window)
+    cov = covered * d + c.to(covered.dtype)
+    dra = drafted * d + n
+    rate = cov / dra.clamp_min(1e-6)
+    warm = dra >= p.window / 2
+    trip = warm & (rate < p.min_coverage)
+    stay = rate < p.min_coverage + p.hysteresis
+    return cov, dra, torch.where(guarded, stay, trip)
+
+
+@dataclass
+class _Copy:
+    host: torch.Tensor  # [slots] uint8, filled by a non-blocking copy
+    event: Any
+    issued: int  # step counter when the copy was issued
+
+
+class CoverageGuard:
+    """Per-slot running coverage and guard flags on the device, with lagged host copies of the flags.
+
+    ``num_slots``: the pool's slot count. The host side (``flags``, ``fires``) is read by the runtime when it
+    plans a step; the device side is updated by :meth:`update` after each verification.
+    """
+
+    def __init__(self, num_slots: int, device: torch.device, params: GuardParams) -> None:
+        self.p = params
+        self.device = torch.device(device)
+        self.num_slots = int(num_slots)
+        self.covered = torch.zeros(self.num_slots, dtype=torch.float32, device=self.device)
+        self.drafted = torch.zeros_like(self.covered)
+        self.guarded = torch.zeros(self.num_slots, dtype=torch.bool, device=self.device)
+        self._cuda = self.device.type == "cuda"
+        pin = self._cuda and torch.cuda.is_available()
+        self._ring = torch.zeros(RING, self.num_slots, dtype=torch.uint8, pin_memory=pin)
+        self._next = 0
+        self._pending: deque[_Copy] = deque()
+        self._step = 0
+        self._seeded_at = [-1] * self.num_slots  # host step counter of each slot's last reset
+        self.flags = [False] * self.num_slots  # host view: the newest flags that have arrived
+        self.fires = 0  # slots that went from sparse to full head (host view)
+
+    def host_buffers(self) -> list[torch.Tensor]:
+        return [self._ring]
+
+    def reset(self, slot: int) -> None:
+        """A request was (re-)seeded into ``slot``: forget its running counts (device writes, no host read)."""
+        self.covered[slot] = 0.0
+        self.drafted[slot] = 0.0
+        self.guarded[slot] = False
+        self.flags[slot] = False
+        self._seeded_at[slot] = self._step
+
+    def update(self, slots: torch.Tensor, n: torch.Tensor, c: torch.Tensor) -> None:
+        """After a verification: ``slots [R]`` (device, distinct), ``n``/``c [R]`` target tokens at drafted positions
+        and covered ones. Device ops only."""
+        cov, dra, g = guard_update(self.covered[slots], self.drafted[slots], self.guarded[slots], n, c, self.p)
+        self.covered[slots] = cov
+        self.drafted[slots] = dra
+        self.guarded[slots] = g
+
+    def stage(self) -> None:
+        """Start the non-blocking copy of the flags to the host (once per step, after :meth:`update`)."""
+        if len(self._pending) >= RING:
+            self._read(wait=True, limit=1)
+        host = self._ring[self._next]
+        self._next = (self._next + 1) % RING
+        host.copy_(self.guarded.to(torch.uint8), non_blocking=True)
+        event = None
+        if self._cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._pending.append(_Copy(host, event, self._step))
+        self._step += 1
+
+    def poll(self) -> list[bool]:
+        """Fold in every copy that has arrived (never waits); returns the host flags."""
+        self._read(wait=False)
+        return self.flags
+
+    def _read(self, wait: bool, limit: int | None = None) -> None:
+        done = 0
+        while self._pending and (limit is None or done < limit):
+            cp = self._pending[0]
+            if cp.event is not None:
+                if wait:
+                    cp.event.synchronize()
+                elif not cp.event.query():
+                    break
+            self._pending.popleft()
+            vals = cp.host.tolist()  # host memory, filled
+            for s, v in enumerate(vals):
+                if self._seeded_at[s] > cp.issued:
+                    continue  # re-seeded after this copy was issued: the copy is about the previous request
+                if v and not self.flags[s]:
+                    self.fires += 1
+                self.flags[s] = bool(v)
+            done += 1
+
+    @staticmethod
+    def describe(p: GuardParams) -> str:
+        if not p.enabled:
+            return "off"
+        return (f"below {p.min_coverage:.2f} coverage (release at {p.min_coverage + p.hysteresis:.2f}, "
+                f"window {p.window:g} drafted positions)")
+
