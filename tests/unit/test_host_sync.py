@@ -15,11 +15,12 @@ from __future__ import annotations
 from types import SimpleNamespace as NS
 from typing import Any, Self
 
-import numpy as np
 import pytest
 import torch
 
 from nanospec_vllm.vllm.runtime import NanoSpecRuntime
+
+from .fakes import admit, fake_runner
 
 V, H = 1000, 16
 
@@ -159,34 +160,14 @@ def _runner(cfg: dict, device: str, w: torch.Tensor, d2t: torch.Tensor | None = 
     proposer = NS(model=model, _enable_probabilistic_draft_probs=False,
                   _greedy_sample=lambda h: (h.float() @ w.float().T).argmax(-1),
                   _sample_from_logits=lambda logits, md: (logits.argmax(-1), logits.softmax(-1)))
-    r = NS(
-        speculative_config=NS(method="draft_model", use_heterogeneous_vocab=False),
-        parallel_config=NS(tensor_parallel_size=1), device=device,
-        model_config=NS(get_vocab_size=lambda: V, hf_config=NS(eos_token_id=999), tokenizer="/nonexistent",
-                        trust_remote_code=False),
-        scheduler_config=NS(max_num_seqs=4), requests={},
-        input_batch=NS(num_reqs=0, req_ids=[], num_computed_tokens_cpu=np.zeros(4, dtype=np.int64),
-                       num_prompt_tokens=np.zeros(4, dtype=np.int64)),
-        discard_request_mask=NS(np=np.zeros(4, dtype=bool)),
-        vllm_config=NS(additional_config={"nanospec": dict({"always_active_special_ids": False}, **cfg)}),
-        drafter=proposer, model=model,
-    )
+    block = dict({"always_active_special_ids": False}, **cfg)
+    r = fake_runner(V, device, vllm_config=NS(additional_config={"nanospec": block}), drafter=proposer, model=model)
     rt = NanoSpecRuntime.maybe_create(r)  # binds the head: the drafter is "loaded"
     assert rt is not None and rt.head.binding is not None
     return r, rt, proposer
 
 
-def _admit(r: Any, rt: Any, reqs: dict[str, tuple[list[int], object]]) -> None:
-    for rid, (prompt, switch) in reqs.items():
-        r.requests[rid] = NS(prompt_token_ids=prompt, output_token_ids=[],
-                             sampling_params=NS(extra_args=None if switch is None else {"nanospec": switch},
-                                                all_stop_token_ids=[]))
-    so = NS(finished_req_ids=[], preempted_req_ids=[], scheduled_new_reqs=[NS(req_id=x) for x in reqs],
-            scheduled_cached_reqs=NS(resumed_req_ids=[]))
-    rt.release(so)
-    rt.admit_scheduled(r, so)
-    r.input_batch.req_ids = list(reqs)
-    r.input_batch.num_reqs = len(reqs)
+_admit = admit
 
 
 def _inputs(dev: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

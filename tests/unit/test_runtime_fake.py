@@ -6,41 +6,23 @@ from __future__ import annotations
 
 from types import SimpleNamespace as NS
 
-import numpy as np
 import torch
 
 from nanospec_vllm.config import parse_config
 from nanospec_vllm.vllm.runtime import NanoSpecRuntime
 
+from .fakes import admit, fake_runner
+
 V, H = 1000, 16
 
 
 def _runner(cfg: dict):
-    r = NS(
-        speculative_config=NS(method="draft_model", use_heterogeneous_vocab=False),
-        parallel_config=NS(tensor_parallel_size=1), device="cpu",
-        model_config=NS(get_vocab_size=lambda: V, hf_config=NS(eos_token_id=999), tokenizer="/nonexistent",
-                        trust_remote_code=False),
-        scheduler_config=NS(max_num_seqs=4), requests={},
-        input_batch=NS(num_reqs=0, req_ids=[], num_computed_tokens_cpu=np.zeros(4, dtype=np.int64),
-                       num_prompt_tokens=np.zeros(4, dtype=np.int64)),
-        discard_request_mask=NS(np=np.zeros(4, dtype=bool)),
-    )
+    r = fake_runner(V)
     rt = NanoSpecRuntime(r, parse_config(dict({"always_active_special_ids": False, "kernel": "torch"}, **cfg)))
     return r, rt
 
 
-def _admit(r, rt, reqs: dict[str, tuple[list[int], object]]) -> None:
-    for rid, (prompt, switch) in reqs.items():
-        r.requests[rid] = NS(prompt_token_ids=prompt, output_token_ids=[],
-                             sampling_params=NS(extra_args=None if switch is None else {"nanospec": switch},
-                                                all_stop_token_ids=[]))
-    so = NS(finished_req_ids=[], preempted_req_ids=[], scheduled_new_reqs=[NS(req_id=x) for x in reqs],
-            scheduled_cached_reqs=NS(resumed_req_ids=[]))
-    rt.release(so)
-    rt.admit_scheduled(r, so)
-    r.input_batch.req_ids = list(reqs)
-    r.input_batch.num_reqs = len(reqs)
+_admit = admit
 
 
 def test_switch_coverage_and_set_update() -> None:
