@@ -10,8 +10,9 @@ The rule, per slot, on the device (:func:`guard_update`): after every verificati
 tokens at drafted positions this step, ``c`` of them active when drafted): an exponential average over about
 ``window`` drafted positions. Once ``drafted >= window / 2`` (warm-up), a slot is *guarded* when
 ``covered / drafted < min_coverage`` and released when it reaches ``min_coverage + hysteresis``. A guarded
-request keeps its slot and its set grows as usual (emitted tokens, the target's top-k, the full head's drafts),
-so its coverage is still measured and it can recover.
+request keeps its slot and its set grows as usual (emitted tokens, the target's top-k), so its coverage is still
+measured and it can recover. The full head's drafts of a guarded request are not added: they would be in the set
+when the next verification is counted, and every accepted draft would then count as covered.
 
 The host decides which rows draft with the sparse head, so it needs the flags: :class:`CoverageGuard` copies the
 ``[slots]`` flag vector into a pinned host ring with ``non_blocking=True`` after each update and reads a copy

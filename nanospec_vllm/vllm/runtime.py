@@ -361,7 +361,11 @@ class NanoSpecRuntime:
         ctx = self.ctx
         if self.debug is not None and ctx is not None:
             self.debug.after_propose(draft_ids)
-        if ctx is None or ctx.plan is None or not ctx.plan.tracked_rows or not self.cfg.add_draft_tokens:
+        # Sparse rows only. Their drafts come from their own sets, so this adds nothing new unless a row drafted the
+        # fallback id; the full head's drafts of a guarded row are NOT added: they would be in the set when that
+        # row's next verification counts coverage, and an accepted draft would always count as covered, so the
+        # guard would read the full head's acceptance instead of what the sparse set would have offered.
+        if ctx is None or ctx.plan is None or not ctx.plan.on_rows or not self.cfg.add_draft_tokens:
             return
         if isinstance(draft_ids, list):
             if not draft_ids:
@@ -371,4 +375,4 @@ class NanoSpecRuntime:
             return
         if draft_ids.shape[0] != ctx.plan.batch_size:
             return
-        self.pool.extend(ctx.slots[ctx.tracked_idx], draft_ids[ctx.tracked_idx].long())
+        self.pool.extend(ctx.slots[ctx.on_idx], draft_ids[ctx.on_idx].long())
