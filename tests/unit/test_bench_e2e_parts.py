@@ -263,6 +263,10 @@ def test_render_markdown_from_fixed_json(tmp_path, capsys):
     assert e2e.main(["--markdown", str(f)]) == 0
     out = capsys.readouterr().out
     assert "## draft_model, K=4, batch 1" in out and "1 OUTPUT MISMATCHES" in out
+    assert e2e.main(["--markdown", str(f), "--compact"]) == 0
+    head = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| task |"))
+    assert "nanospec coverage | nanospec mean active | nanospec speed vs full-head" in head
+    assert "step ms" not in head and "draft ms/step" not in head
 
 
 def test_cli_dispatch_and_bad_options(capsys):

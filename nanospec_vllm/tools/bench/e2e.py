@@ -405,7 +405,11 @@ def _fmt(v: Any, f: str) -> str:
     return "-" if v is None else f.format(v)
 
 
-def render_markdown(data: dict[str, Any]) -> str:
+#: ``--compact``: the columns a reader decides from
+COMPACT = ("tokens_per_s", "tau", "coverage", "mean_active", "speed_vs_full_head", "guarded_share")
+
+
+def render_markdown(data: dict[str, Any], compact: bool = False) -> str:
     """One table per (method, K, batch): rows = task groups + median, columns per configuration (metrics that
     are empty for a configuration, e.g. coverage without NanoSpec, are left out). ``no-spec`` joins every table."""
     h = data.get("header", {})
@@ -442,6 +446,8 @@ def render_markdown(data: dict[str, Any]) -> str:
             if not any(present):
                 continue
             for key, label, f in COLUMNS:
+                if compact and key not in COMPACT:
+                    continue
                 if any(p is not None and p.get(key) is not None for p in present):
                     cols.append((c, key, label, f))
         title = f"## {method}, K={k}, batch {batch}" if method != "none" else f"## no speculation, batch {batch}"
@@ -729,6 +735,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--engine-timeout", type=float, default=3600.0, help="seconds per engine (start + runs)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--markdown", default=None, metavar="JSON", help="render a --json result file and exit")
+    ap.add_argument("--compact", action="store_true",
+                    help="with --markdown: only tok/s, tau, coverage, mean active, speed vs full-head, guarded")
     ap.add_argument("--plot", default=None, metavar="PNG",
                     help="with --markdown: also plot tokens/s per task group and configuration to this PNG")
     ap.add_argument("--engine-job", default=None, help=argparse.SUPPRESS)
@@ -925,7 +933,7 @@ def main(argv: list[str] | None = None) -> int:
         return engine_main(args.engine_job)
     if args.markdown:
         data = json.loads(Path(args.markdown).read_text())
-        print(render_markdown(data), end="")
+        print(render_markdown(data, compact=args.compact), end="")
         if args.plot:
             plot_tokens_per_s(data, Path(args.plot))
         return 0
