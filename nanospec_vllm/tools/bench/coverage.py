@@ -560,18 +560,15 @@ def _stop_ids(target: Path) -> list[int]:
 
 
 def special_ids(target: Path) -> list[int]:
-    """What the runtime pins with ``always_active_special_ids``: EOS/BOS and the tokenizer's special ids."""
-    from transformers import AutoTokenizer
+    """What the runtime pins with ``always_active_special_ids``: the same function on the same inputs
+    (:func:`nanospec_vllm.vllm.runtime.pinned_token_ids`: config EOS, tokenizer EOS / pad, the chat template's
+    special tokens; 3 ids for Qwen2.5, where every tokenizer special id would be 20 and add 17 to every mean size).
+    Stop ids are seeded at admission, as in the runtime."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    ids = set(_stop_ids(target))
-    cfg = json.loads((target / "config.json").read_text())
-    for k in ("eos_token_id", "bos_token_id"):
-        v = cfg.get(k)
-        ids.update([v] if isinstance(v, int) else list(v or []))
-    tok = AutoTokenizer.from_pretrained(str(target))
-    ids.update(int(i) for i in tok.all_special_ids)
-    ids.update(int(i) for i, t in getattr(tok, "added_tokens_decoder", {}).items() if getattr(t, "special", False))
-    return sorted(ids)
+    from ...vllm.runtime import pinned_token_ids
+
+    return sorted(pinned_token_ids(AutoConfig.from_pretrained(str(target)), AutoTokenizer.from_pretrained(str(target))))
 
 
 def load_head(draft: Path) -> torch.Tensor:
