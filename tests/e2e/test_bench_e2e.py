@@ -105,8 +105,8 @@ def test_break_even_guard_on_the_real_engine(qwen05b, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Explain in two sentences why the sky is blue.", "task": "chat"})
                        + "\n")
-    small = "nanospec:target_topk=0;hot_set_path=null;hot_set_size=null"
-    guarded = small + ";guard_coverage=1.0;guard_window=1"
+    small = "nanospec:target_topk=0;hot_set_path=null;hot_set_size=null;guard_coverage=0"  # the shipped file's is on
+    guarded = small.replace("guard_coverage=0", "guard_coverage=1.0;guard_window=1")
     data, _ = _bench(["--prompts", str(prompts), "--batch", "1", "--max-tokens", "48",
                       "--configs", f"full-head,{small},{guarded}"], tmp_path)
     assert data["mismatches"] == [] and data["header"]["identity_checked"] is True
