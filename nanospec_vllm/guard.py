@@ -109,10 +109,18 @@ class CoverageGuard:
 
     ``num_slots``: the pool's slot count. The host side (``flags``, ``fires``) is read by the runtime when it
     plans a step; the device side is updated by :meth:`update` after each verification.
+
+    ``same_step_everywhere`` (tensor parallelism): every rank must plan the same rows for the sparse head (its
+    ranks gather each other's scores), so :meth:`poll` takes every copy issued so far, waiting on its event if it
+    has not completed, instead of whichever copies happen to have arrived on this rank. The copy was issued in an
+    earlier step, and vLLM has read that step's sampled tokens on the host since, so the wait returns at once in
+    practice; on CPU there is nothing to wait for either way.
     """
 
-    def __init__(self, num_slots: int, device: torch.device, params: GuardParams) -> None:
+    def __init__(self, num_slots: int, device: torch.device, params: GuardParams,
+                 same_step_everywhere: bool = False) -> None:
         self.p = params
+        self.same_step_everywhere = same_step_everywhere
         self.device = torch.device(device)
         self.num_slots = int(num_slots)
         self.covered = torch.zeros(self.num_slots, dtype=torch.float32, device=self.device)
@@ -162,8 +170,9 @@ class CoverageGuard:
         self._step += 1
 
     def poll(self) -> list[bool]:
-        """Fold in every copy that has arrived (never waits); returns the host flags."""
-        self._read(wait=False)
+        """Fold in every copy that has arrived (never waits), or every copy issued (``same_step_everywhere``);
+        returns the host flags."""
+        self._read(wait=self.same_step_everywhere)
         return self.flags
 
     def _read(self, wait: bool, limit: int | None = None) -> None:

@@ -191,7 +191,8 @@ class NanoSpecRuntime:
         self.staging = IndexStaging(num_slots, self.device)
         self.head = SparseDraftHead(self)
         gp = GuardParams(cfg.guard_coverage, cfg.guard_hysteresis, float(cfg.guard_window))
-        self.guard = CoverageGuard(num_slots, self.device, gp) if gp.enabled else None
+        tp = int(getattr(runner.parallel_config, "tensor_parallel_size", 1) or 1)
+        self.guard = CoverageGuard(num_slots, self.device, gp, same_step_everywhere=tp > 1) if gp.enabled else None
         self.ctx: StepContext | None = None
         self.debug = DebugRecorder.from_env(self.pool)  # None unless NANOSPEC_DEBUG_RECORD=1 (tests only)
         logger.info(

@@ -126,6 +126,35 @@ def test_host_flags_arrive_one_step_later_and_reset_ignores_stale_copies() -> No
     assert gd.poll()[1] is False
 
 
+class _SlowEvent:
+    """A CUDA event stand-in whose copy has not completed until someone waits on it."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.waited = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited = self.done = True
+
+
+@pytest.mark.parametrize("same_step_everywhere", [False, True])
+def test_tensor_parallel_ranks_take_the_same_copies(same_step_everywhere: bool) -> None:
+    """Alone, a rank folds in only copies that have arrived (no wait); under tensor parallelism every rank takes
+    every copy issued so far, so all ranks plan the same rows."""
+    gd = CoverageGuard(2, torch.device("cpu"), GuardParams(0.9, 0.05, window=1), same_step_everywhere)
+    gd.update(torch.tensor([0]), torch.tensor([4]), torch.tensor([0]))
+    gd.stage()
+    ev = _SlowEvent()
+    gd._pending[-1].event = ev  # as on CUDA, before the copy has run
+    flags = gd.poll()
+    assert flags[0] is same_step_everywhere and ev.waited is same_step_everywhere
+    ev.done = True
+    assert gd.poll()[0] is True  # arrived: taken either way
+
+
 def test_disabled_by_default_and_validated() -> None:
     cfg = parse_config({})
     assert cfg.guard_coverage == 0.0 and not GuardParams(cfg.guard_coverage).enabled
