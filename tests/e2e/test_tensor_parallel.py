@@ -170,11 +170,16 @@ def test_eagle_tp2_multiprocessing(qwen05b: Path, reference: list[list[int]], wo
     from .heads import make_eagle_head
 
     head = make_eagle_head(workdir / "eagle")
-    spec = {"method": "eagle", "model": str(head), "num_speculative_tokens": 3, "nanospec": NS_BLOCK}
+    # with the break-even guard set high, so that some requests switch heads mid-generation: every rank must plan
+    # the same rows (check_ranks compares the ranks' counters, the guard's included)
+    block = dict(NS_BLOCK, guard_coverage=0.95, guard_window=4)
+    spec = {"method": "eagle", "model": str(head), "num_speculative_tokens": 3, "nanospec": block}
     res = run_job({"model": str(qwen05b), "tp": 2, "spec": spec, "prompts": PROMPTS, "max_tokens": MAX_TOKENS},
                   workdir)
     _assert_identical(res["tokens"], reference)
     check_ranks(res)
+    totals = res["ranks"][0]["totals"]
+    assert totals["guard_fires"] >= 1 and 0 < totals["guarded"] <= totals["planned"], totals  # it did fire
 
 
 if __name__ == "__main__":
