@@ -18,8 +18,13 @@ The host decides which rows draft with the sparse head, so it needs the flags: :
 ``[slots]`` flag vector into a pinned host ring with ``non_blocking=True`` after each update and reads a copy
 only once its CUDA event has completed (``Event.query()``, never a wait); the plan of a step uses the newest
 flags that have arrived (on CPU: those of the previous step; on CUDA usually the same or one step older). A slot
-re-seeded after a copy was issued ignores that copy. Cost per step: a few element-wise ops on ``[rows]`` and
-``[slots]`` tensors, one ``slots``-byte copy and one event; no host wait.
+re-seeded after a copy was issued ignores that copy. Under tensor parallelism every copy issued so far is taken
+(``same_step_everywhere``), so all ranks plan alike. Cost per step: a few element-wise ops on ``[rows]`` and
+``[slots]`` tensors, one ``slots``-byte copy and one event (~60 us on the 2-core CPU with 256 slots); no host
+wait on a single rank.
+
+Limit, measured (``docs/benchmarks/e2e-cpu.md``): the break-even model prices every miss as a lost acceptance;
+on benchmark prompts a miss costs about half of that, so the guard can fire where the sparse head still wins.
 """
 
 from __future__ import annotations
