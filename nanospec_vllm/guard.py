@@ -15,7 +15,8 @@ measured and it can recover. The full head's drafts of a guarded request are not
 when the next verification is counted, and every accepted draft would then count as covered.
 
 The host decides which rows draft with the sparse head, so it needs the flags: :class:`CoverageGuard` copies the
-``[slots]`` flag vector into a pinned host ring with ``non_blocking=True`` after each update and reads a copy
+``[slots]`` flag vector into a pinned host ring with ``non_blocking=True`` after each update
+(:class:`.hostcopy.LaggedHostCopies`, the statistics' mechanism too) and reads a copy
 only once its CUDA event has completed (``Event.query()``, never a wait); the plan of a step uses the newest
 flags that have arrived (on CPU: those of the previous step; on CUDA usually the same or one step older). A slot
 re-seeded after a copy was issued ignores that copy. Under tensor parallelism every copy issued so far is taken
@@ -29,11 +30,11 @@ on benchmark prompts a miss costs about half of that, so the guard can fire wher
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
-from typing import Any
 
 import torch
+
+from .hostcopy import LaggedHostCopies
 
 __all__ = ["CoverageGuard", "GuardParams", "break_even_coverage", "guard_update", "tau_of"]
 
@@ -102,13 +103,6 @@ def guard_update(covered: torch.Tensor, drafted: torch.Tensor, guarded: torch.Te
     return cov, dra, torch.where(guarded, stay, trip)
 
 
-@dataclass
-class _Copy:
-    host: torch.Tensor  # [slots] uint8, filled by a non-blocking copy
-    event: Any
-    issued: int  # step counter when the copy was issued
-
-
 class CoverageGuard:
     """Per-slot running coverage and guard flags on the device, with lagged host copies of the flags.
 
@@ -131,18 +125,14 @@ class CoverageGuard:
         self.covered = torch.zeros(self.num_slots, dtype=torch.float32, device=self.device)
         self.drafted = torch.zeros_like(self.covered)
         self.guarded = torch.zeros(self.num_slots, dtype=torch.bool, device=self.device)
-        self._cuda = self.device.type == "cuda"
-        pin = self._cuda and torch.cuda.is_available()
-        self._ring = torch.zeros(RING, self.num_slots, dtype=torch.uint8, pin_memory=pin)
-        self._next = 0
-        self._pending: deque[_Copy] = deque()
+        self._copies = LaggedHostCopies(RING, self.num_slots, torch.uint8, self.device, self._fold)
         self._step = 0
         self._seeded_at = [-1] * self.num_slots  # host step counter of each slot's last reset
         self.flags = [False] * self.num_slots  # host view: the newest flags that have arrived
         self.fires = 0  # slots that went from sparse to full head (host view)
 
     def host_buffers(self) -> list[torch.Tensor]:
-        return [self._ring]
+        return [self._copies.buf]
 
     def reset(self, slot: int) -> None:
         """A request was (re-)seeded into ``slot``: forget its running counts (device writes, no host read)."""
@@ -162,42 +152,22 @@ class CoverageGuard:
 
     def stage(self) -> None:
         """Start the non-blocking copy of the flags to the host (once per step, after :meth:`update`)."""
-        if len(self._pending) >= RING:
-            self._read(wait=True, limit=1)
-        host = self._ring[self._next]
-        self._next = (self._next + 1) % RING
-        host.copy_(self.guarded.to(torch.uint8), non_blocking=True)
-        event = None
-        if self._cuda:
-            event = torch.cuda.Event()
-            event.record()
-        self._pending.append(_Copy(host, event, self._step))
+        self._copies.push(self.guarded.to(torch.uint8), self._step)
         self._step += 1
 
     def poll(self) -> list[bool]:
         """Fold in every copy that has arrived (never waits), or every copy issued (``same_step_everywhere``);
         returns the host flags."""
-        self._read(wait=self.same_step_everywhere)
+        self._copies.read(wait=self.same_step_everywhere)
         return self.flags
 
-    def _read(self, wait: bool, limit: int | None = None) -> None:
-        done = 0
-        while self._pending and (limit is None or done < limit):
-            cp = self._pending[0]
-            if cp.event is not None:
-                if wait:
-                    cp.event.synchronize()
-                elif not cp.event.query():
-                    break
-            self._pending.popleft()
-            vals = cp.host.tolist()  # host memory, filled
-            for s, v in enumerate(vals):
-                if self._seeded_at[s] > cp.issued:
-                    continue  # re-seeded after this copy was issued: the copy is about the previous request
-                if v and not self.flags[s]:
-                    self.fires += 1
-                self.flags[s] = bool(v)
-            done += 1
+    def _fold(self, host: torch.Tensor, issued: int) -> None:
+        for slot, v in enumerate(host.tolist()):  # host memory, filled
+            if self._seeded_at[slot] > issued:
+                continue  # re-seeded after this copy was issued: the copy is about the previous request
+            if v and not self.flags[slot]:
+                self.fires += 1
+            self.flags[slot] = bool(v)
 
     @staticmethod
     def describe(p: GuardParams) -> str:

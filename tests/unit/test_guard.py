@@ -145,7 +145,7 @@ def test_tensor_parallel_ranks_take_the_same_copies(same_step_everywhere: bool) 
     gd.update(torch.tensor([0]), torch.tensor([4]), torch.tensor([0]))
     gd.stage()
     ev = _SlowEvent()
-    gd._pending[-1].event = ev  # as on CUDA, before the copy has run
+    gd._copies._pending[-1].event = ev  # as on CUDA, before the copy has run
     flags = gd.poll()
     assert flags[0] is same_step_everywhere and ev.waited is same_step_everywhere
     ev.done = True
