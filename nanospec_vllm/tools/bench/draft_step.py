@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from ... import __version__, ops
 from ...ops.reference import raw_reference
+from . import micro_bench_main
 
 
 @dataclass(frozen=True)
@@ -455,21 +456,14 @@ def parse(argv: list[str]) -> tuple[Settings, str | None, str | None]:
     return s, a.json, a.markdown
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    s, json_path, markdown_from = parse(argv)
-    if markdown_from:
-        with open(markdown_from) as f:
-            print(markdown(json.load(f)))
-        return 0
-    if s.device == "cuda" and not torch.cuda.is_available():
-        print("nanospec bench draft-step: --device cuda but torch sees no CUDA device", file=sys.stderr)
-        return 2
+def _setup(s: Settings) -> None:
     torch.manual_seed(s.seed)
     if os.environ.get("NANOSPEC_BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["NANOSPEC_BENCH_THREADS"]))
-    run(s, argv, json_path)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return micro_bench_main("nanospec bench draft-step", argv, parse, markdown, run, _setup)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from ... import __version__, ops
 from ...ops import native, triton_kernels
 from ...ops.reference import raw_reference
 from .. import assets
+from . import micro_bench_main
 
 HEADS = {"qwen2.5-0.5b": (896, 151_936), "llama-3.1-8b": (4096, 128_256)}
 BATCHES = [1, 4, 16, 64]
@@ -507,17 +508,7 @@ def parse(argv: list[str]) -> tuple[Settings, str | None, str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    s, json_path, markdown_from = parse(argv)
-    if markdown_from:
-        with open(markdown_from) as f:
-            print(markdown(json.load(f)))
-        return 0
-    if s.device == "cuda" and not torch.cuda.is_available():
-        print("nanospec bench kernels: --device cuda but torch sees no CUDA device", file=sys.stderr)
-        return 2
-    run(s, argv, json_path)
-    return 0
+    return micro_bench_main("nanospec bench kernels", argv, parse, markdown, run)
 
 
 if __name__ == "__main__":
