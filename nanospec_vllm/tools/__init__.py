@@ -5,20 +5,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
+from ..config import configs_dir  # lives in the core: the runtime's `hot_set_path: auto` looks there too
 
 __all__ = ["configs_dir"]
-
-
-def configs_dir() -> Path:
-    """The shipped ``configs/`` folder: ``$NANOSPEC_CONFIGS``, else the source checkout's (editable installs),
-    else the copy a wheel installs under ``<prefix>/share/nanospec-vllm/configs`` (``setup.py`` data files)."""
-    candidates = [os.environ.get("NANOSPEC_CONFIGS"), Path(__file__).resolve().parents[2] / "configs",
-                  Path(sys.prefix) / "share" / "nanospec-vllm" / "configs"]
-    for c in candidates:
-        if c and (Path(c) / "nanospec.yaml").is_file():
-            return Path(c)
-    raise FileNotFoundError("nanospec configs/ not found (looked in: "
-                            + ", ".join(str(c) for c in candidates if c) + "); set NANOSPEC_CONFIGS")

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from ..config import NanoSpecConfig, check_engine, parse_config, request_enabled
+from ..config import HOT_SET_AUTO, NanoSpecConfig, check_engine, parse_config, request_enabled
 from ..guard import CoverageGuard, GuardParams
 from ..ops import resolve_impl
 from ..state import ActiveVocabPool, PoolFullError
@@ -167,6 +167,18 @@ def pinned_token_ids(hf_config: Any, tokenizer: Any | None) -> set[int]:
     return ids
 
 
+def _load_tokenizer(runner: Any) -> Any | None:
+    """The target's tokenizer, loaded once at start-up (chat-template ids to pin, the ``auto`` hot set)."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(runner.model_config.tokenizer,
+                                             trust_remote_code=runner.model_config.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - tokenizer-less engines: EOS from the config is still pinned
+        logger.warning("NanoSpec: could not load the tokenizer (%s); pinning EOS only, no `auto` hot set", e)
+        return None
+
+
 class NanoSpecRuntime:
     def __init__(self, runner: Any, cfg: NanoSpecConfig) -> None:
         spec = runner.speculative_config
@@ -175,9 +187,14 @@ class NanoSpecRuntime:
         self.cfg = cfg
         self.device = torch.device(runner.device)
         self.vocab_size = int(runner.model_config.get_vocab_size())
-        pinned = set(cfg.always_active_ids) | set(cfg.hot_set())
+        tok = _load_tokenizer(runner) if cfg.always_active_special_ids or cfg.hot_set_path == HOT_SET_AUTO else None
+        hot_file = cfg.hot_set_file(tok)
+        hot = cfg.hot_set(tok)
+        logger.info("NanoSpec: hot set %s", f"{hot_file} (first {len(hot)} ids)" if hot_file else
+                    "none" if cfg.hot_set_path is None else "none (no shipped hot set matches this tokenizer)")
+        pinned = set(cfg.always_active_ids) | set(hot)
         if cfg.always_active_special_ids:
-            pinned |= self._generation_ids(runner)
+            pinned |= self._generation_ids(runner, tok)
         pinned = {i for i in pinned if 0 <= i < self.vocab_size}
         if len(pinned) >= cfg.capacity:  # never fail start-up over pinned ids: keep the lowest, say so
             logger.warning("NanoSpec: %d pinned ids do not fit capacity %d; pinning the first %d", len(pinned),
@@ -220,15 +237,7 @@ class NanoSpecRuntime:
             rt.head.bind(model)  # the drafter is loaded: bind now, so no step pays for it
         return rt
 
-    def _generation_ids(self, runner: Any) -> set[int]:
-        tok = None
-        try:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(runner.model_config.tokenizer,
-                                                trust_remote_code=runner.model_config.trust_remote_code)
-        except Exception as e:  # noqa: BLE001 - tokenizer-less engines: EOS from the config is still pinned
-            logger.warning("NanoSpec: could not load the tokenizer to pin chat-template ids (%s); pinning EOS only", e)
+    def _generation_ids(self, runner: Any, tok: Any) -> set[int]:
         ids = pinned_token_ids(runner.model_config.hf_config, tok)
         shown = ", ".join(f"{i}={tok.convert_ids_to_tokens(i)!r}" if tok is not None else str(i) for i in sorted(ids))
         logger.info("NanoSpec: pinned generation ids (EOS, pad, chat-template markers): %s", shown or "none")

@@ -16,11 +16,45 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG_FILES = sorted((ROOT / "configs").rglob("*.yaml")) + sorted((ROOT / "configs").rglob("*.json"))
 
 
-def test_defaults_follow_the_paper():
+def test_defaults_are_the_shipped_config():
+    """One source of defaults: `nanospec: {}` is exactly what configs/nanospec.yaml ships, and that is the measured
+    policy (top-64 at verified positions, the 512-id shipped hot set, the break-even guard), not the paper's."""
     c = parse_config({})
-    assert (c.capacity, c.target_topk, c.seed_from_prompt, c.add_draft_tokens) == (3072, 3, True, True)
+    shipped = parse_config(load_config_file(ROOT / "configs" / "nanospec.yaml")["nanospec"])
+    assert shipped.model_dump() == c.model_dump()
+    assert (c.capacity, c.target_topk, c.seed_from_prompt, c.add_draft_tokens) == (3072, 64, True, True)
+    assert (c.hot_set_path, c.hot_set_size, c.guard_coverage) == ("auto", 512, 0.89)
     assert c.always_active_special_ids and c.full_policy == "stop" and not c.prompt_topk
     assert parse_config(None) == c and parse_config(True) == c
+
+
+class _Tok:
+    """The one tokenizer method the `auto` hot set reads."""
+
+    def __init__(self, vocab: dict[int, str]) -> None:
+        self.vocab = vocab
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.vocab.get(i) for i in ids]
+
+
+def test_auto_hot_set_matches_the_tokenizer():
+    """`auto` picks configs/hot/qwen2.5-hot.txt only for a tokenizer that reproduces its tokenizer check."""
+    from nanospec_vllm.config import shipped_hot_set, tokenizer_check
+
+    qwen = ROOT / "configs" / "hot" / "qwen2.5-hot.txt"
+    check = tokenizer_check(qwen)
+    assert check and len(check) >= 8
+    c = parse_config({})
+    assert shipped_hot_set(_Tok(check)) == str(qwen)
+    assert c.hot_set_file(_Tok(check)) == str(qwen)
+    ids = c.hot_set(_Tok(check))
+    assert len(ids) == 512 and ids == parse_config({"hot_set_path": str(qwen)}).hot_set()[:512]
+    other = dict(check)
+    other[next(iter(other))] = "something-else"  # one token differs: another tokenizer
+    assert shipped_hot_set(_Tok(other)) is None and c.hot_set(_Tok(other)) == []
+    assert c.hot_set() == [] and c.hot_set_file() is None  # no tokenizer, nothing to match
+    assert parse_config({"hot_set_path": None}).hot_set(_Tok(check)) == []
 
 
 @pytest.mark.parametrize(
@@ -119,13 +153,22 @@ def test_relative_hot_set_path_is_beside_the_file(tmp_path, monkeypatch) -> None
     assert ns.hot_set_path == str(tmp_path / "hot" / "ids.txt") and ns.hot_set() == [1, 2]
 
 
-def test_shipped_default_hot_set_loads() -> None:
-    from pathlib import Path
+def test_auto_hot_set_is_trimmed_to_fit_a_small_capacity() -> None:
+    """`auto` is best effort: with capacity 16 and 3 extra pinned ids, 8 - 3 = 5 hot ids are kept, and the config
+    itself never fails over a hot set the user did not name."""
+    check = tokenizer_check_of_qwen()
+    c = parse_config({"capacity": 16, "always_active_ids": [1, 2, 3]})
+    full = parse_config({}).hot_set(_Tok(check))
+    assert c.hot_set(_Tok(check)) == full[:5]
+    assert parse_config({"capacity": 1}).hot_set(_Tok(check)) == []
 
-    from nanospec_vllm.config import load_config_file, parse_config
 
-    cfg = parse_config(load_config_file(Path(__file__).resolve().parents[2] / "configs" / "nanospec.yaml")["nanospec"])
-    assert cfg.target_topk == 64 and len(cfg.hot_set()) == 512 and all(0 <= i < 151_665 for i in cfg.hot_set())
+def tokenizer_check_of_qwen() -> dict[int, str]:
+    from nanospec_vllm.config import tokenizer_check
+
+    check = tokenizer_check(ROOT / "configs" / "hot" / "qwen2.5-hot.txt")
+    assert check is not None
+    return check
 
 
 def test_ids_checked_against_the_target_vocabulary(tmp_path):

@@ -19,10 +19,10 @@ def test_checkout_and_override(tmp_path, monkeypatch) -> None:
 
 
 def test_missing_names_the_places(tmp_path, monkeypatch) -> None:
-    from nanospec_vllm import tools
+    from nanospec_vllm import config
 
     monkeypatch.setenv("NANOSPEC_CONFIGS", str(tmp_path / "nope"))
-    monkeypatch.setattr(tools, "__file__", str(tmp_path / "a" / "b" / "c.py"))
-    monkeypatch.setattr(tools.sys, "prefix", str(tmp_path / "prefix"))
+    monkeypatch.setattr(config, "__file__", str(tmp_path / "a" / "b" / "c.py"))
+    monkeypatch.setattr(config.sys, "prefix", str(tmp_path / "prefix"))
     with pytest.raises(FileNotFoundError, match="NANOSPEC_CONFIGS"):
         configs_dir()

@@ -103,11 +103,12 @@ class Policy:
 
 
 def _defaults_policy(path: Path | None = None) -> Policy:
-    from ...config import load_config_file, parse_config
+    from ...config import HOT_SET_AUTO, load_config_file, parse_config
 
     path = path or Path(__file__).resolve().parents[3] / "configs" / "nanospec.yaml"
     cfg = parse_config(load_config_file(path).get("nanospec"))
-    hot = len(cfg.hot_set()) if cfg.hot_set_path else 0
+    # `auto` resolves to the Qwen2.5 set for the models this replay runs on; its first hot_set_size ids
+    hot = (cfg.hot_set_size or 0) if cfg.hot_set_path == HOT_SET_AUTO else len(cfg.hot_set()) if cfg.hot_set_path else 0
     return Policy("defaults", capacity=cfg.capacity, target_topk=cfg.target_topk, prompt_topk=cfg.prompt_topk,
                   seed_from_prompt=cfg.seed_from_prompt, add_draft_tokens=cfg.add_draft_tokens, hot=hot,
                   full_policy=cfg.full_policy)

@@ -98,9 +98,10 @@ TASK_GROUPS = SPEC_BENCH_GROUPS + ("humaneval",)
 HUMANEVAL_INSTRUCTION = "Complete the following Python function. Reply with the whole function in a code block.\n\n"
 
 PAPER_POLICY: dict[str, Any] = {"target_topk": 3, "prompt_topk": True, "add_draft_tokens": True, "capacity": 3072,
-                                "seed_from_prompt": True, "hot_set_path": None, "hot_set_size": None}
+                                "seed_from_prompt": True, "hot_set_path": None, "hot_set_size": None,
+                                "guard_coverage": 0.0}
 STATIC_32K: dict[str, Any] = {"hot_set_size": 32768, "capacity": 32769, "target_topk": 0, "seed_from_prompt": False,
-                              "add_draft_tokens": False}
+                              "add_draft_tokens": False, "guard_coverage": 0.0}
 BASE_CONFIGS = ("no-spec", "full-head", "nanospec", "paper", "static-32k")
 METRICS = ("tokens_per_s", "tau", "accept_rate", "coverage", "mean_active", "draft_ms_per_step", "step_ms",
            "speed_vs_full_head", "speed_vs_no_spec", "guarded_share", "guard_fires", "break_even_coverage")
