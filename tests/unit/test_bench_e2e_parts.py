@@ -304,3 +304,61 @@ def test_preload_iomp_replaces_gnu_openmp(monkeypatch):
     monkeypatch.setattr(engine, "find_iomp", lambda: None)
     untouched = {"LD_PRELOAD": "/x/libgomp.so"}
     assert engine.preload_iomp(untouched) is None and untouched == {"LD_PRELOAD": "/x/libgomp.so"}
+
+
+def test_check_identity_fails_on_a_missing_output():
+    """Fewer outputs than the reference (a prompt, a (task, batch) group, or every round) is a failure, not a
+    pass: ``zip`` over the outputs would otherwise compare only what both have."""
+    def res(outs, task="qa"):
+        return {"groups": [{"task": task, "batch": 1, "outputs": outs}]}
+
+    def ours(raw):
+        bad, checked = e2e.check_identity(raw)
+        assert checked
+        return [(m["config"], m["against"], m["task"], m["prompt"], m.get("missing")) for m in
+                e2e.split_mismatches(bad)[0]]
+
+    base = {("no-spec", "none", 0): {0: res([[1, 2], [3, 4]])},
+            ("full-head", "draft_model", 4): {0: res([[1, 2], [3, 4]])}}
+    assert ours({**base, ("nanospec", "draft_model", 4): {0: res([[1, 2], [3, 4]])}}) == []
+    # one prompt's output missing
+    assert ours({**base, ("nanospec", "draft_model", 4): {0: res([[1, 2]])}}) == [
+        ("nanospec", "full-head", "qa", 1, "output")]
+    # the reference is the shorter one
+    assert ours({**base, ("nanospec", "draft_model", 4): {0: res([[1, 2], [3, 4], [5]])}}) == [
+        ("nanospec", "full-head", "qa", 2, "reference")]
+    # a whole task group missing (and one the reference never ran)
+    assert ours({**base, ("nanospec", "draft_model", 4): {0: res([[1, 2], [3, 4]], task="rag")}}) == [
+        ("nanospec", "full-head", "qa", None, "output"), ("nanospec", "full-head", "rag", None, "reference")]
+    # an engine with no output at all: its twin would be the reference
+    assert ours({**base, ("nanospec", "draft_model", 4): {}}) == [
+        ("nanospec", "full-head", None, None, "all outputs")]
+    # a full-head engine with a missing output fails too (not a vLLM speculation difference)
+    bad, _ = e2e.check_identity({("no-spec", "none", 0): {0: res([[1, 2], [3, 4]])},
+                                 ("full-head", "draft_model", 4): {0: res([[1, 2]])}})
+    failures, vllm = e2e.split_mismatches(bad)
+    assert [m["missing"] for m in failures] == ["output"] and vllm == []
+
+
+def test_run_exits_3_on_a_missing_output(monkeypatch, tmp_path, capsys):
+    """End to end through ``run`` with fake engines: the NanoSpec engine returns one output fewer."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+
+    def fake_engine(job, workdir, tag, timeout):
+        outs = [[1, 2, 3], [4, 5]]
+        if (job["spec"] or {}).get("nanospec") is not None:
+            outs = outs[:1]
+        groups = [{"task": g["task"], "batch": b, "wall_s": 1.0, "outputs": outs,
+                   "n_tokens": sum(map(len, outs)), "spec": {}, "nanospec": None, "timers": {"steps": 1,
+                   "execute_s": 0.1, "sample_s": 0.1, "propose_s": 0.0}} for b in job["batches"] for g in job["groups"]]
+        return {"startup_s": 1.0, "groups": groups}
+
+    monkeypatch.setattr(e2e, "run_engine", fake_engine)
+    args = ["--model", str(ROOT), "--draft", str(ROOT), "--prompts", str(prompts), "--batch", "2", "--repeats", "1",
+            "--configs", "no-spec,full-head,nanospec", "--iomp", "off", "--json", str(tmp_path / "r.json")]
+    assert e2e.main(args) == 3
+    err = capsys.readouterr().err
+    assert "1 OUTPUTS MISSING" in err and "DIFFER" not in err
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [(m["config"], m["prompt"], m["missing"]) for m in data["mismatches"]] == [("nanospec", 1, "output")]

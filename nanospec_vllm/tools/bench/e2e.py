@@ -51,8 +51,9 @@ What it does:
   the header's ``retries``); other failures are recorded in ``errors``, and the command exits with status 1.
 * **Losslessness**: every NanoSpec engine's output token ids (greedy) are compared with those of the same
   speculation without NanoSpec (``full-head`` / ``eagle-full``, same K; ``no-spec`` when that was not run) for
-  the same prompts and batch size; any difference is printed and the command exits with status 3. The
-  full-head engines are compared with ``no-spec`` and their differences reported in ``spec_vs_no_spec`` (vLLM's
+  the same prompts and batch size; any difference is printed and the command exits with status 3, and so does a
+  missing output (an engine that returned fewer groups or prompts than its reference, or nothing at all in any
+  round: identity not shown). The full-head engines are compared with ``no-spec`` and their differences reported in ``spec_vs_no_spec`` (vLLM's
   own speculation differed from plain decoding on some prompts here, see docs/benchmarks/e2e-cpu.md; no failure).
 
 Output: a table per (method, K, batch) on stdout and, with ``--json``, ``{"header", "rows", "summary",
@@ -662,6 +663,9 @@ def check_identity(raw: dict[tuple, dict[int, dict[str, Any]]]) -> tuple[list[di
     ``eagle-full``, first round it ran), which is NanoSpec's own guarantee; without a twin in the run, with
     ``no-spec``. The full-head configurations (vLLM's own speculation) are compared with ``no-spec``. Each
     difference says what it was compared ``against``; :func:`split_mismatches` separates NanoSpec's from vLLM's.
+    A missing output is a difference too (``"missing"``: ``"output"`` when the engine lacks a (task, batch) group
+    or a prompt's output that its reference has, ``"reference"`` for the reverse, ``"all outputs"`` for an engine
+    with no finished round while others have one).
     Returns ``(differences, checked)``; ``checked`` is False when nothing had a reference.
     """
     refs: dict[tuple, tuple[tuple, int]] = {}
@@ -677,30 +681,46 @@ def check_identity(raw: dict[tuple, dict[int, dict[str, Any]]]) -> tuple[list[di
     if no_spec is not None and len(raw[no_spec]) > 1:
         refs[no_spec] = (no_spec, min(raw[no_spec]))  # later no-spec rounds against the first
     bad: list[dict[str, Any]] = []
+    if any(raw.values()):  # an engine with no finished round: nothing of it can be compared
+        for unit, rounds in raw.items():
+            if not rounds:
+                ref_unit = refs.get(unit, (None,))[0]
+                bad.append({"config": unit[0], "method": unit[1], "k": unit[2], "round": None,
+                            "against": None if ref_unit is None else ref_unit[0], "task": None, "batch": None,
+                            "prompt": None, "missing": "all outputs"})
     for unit, (ref_unit, ref_round) in refs.items():
         ref = {(g["task"], g["batch"]): g["outputs"] for g in raw[ref_unit][ref_round]["groups"]}
         for rnd, res in raw[unit].items():
             if unit == ref_unit and rnd == ref_round:
                 continue
-            for g in res["groups"]:
-                want = ref.get((g["task"], g["batch"]))
-                if want is None:
+            got_groups = {(g["task"], g["batch"]): g["outputs"] for g in res["groups"]}
+            for key in list(dict.fromkeys([*ref, *got_groups])):
+                got, want = got_groups.get(key), ref.get(key)
+                where = {"config": unit[0], "method": unit[1], "k": unit[2], "round": rnd, "against": ref_unit[0],
+                         "task": key[0], "batch": key[1]}
+                if got is None or want is None:
+                    bad.append(dict(where, prompt=None, missing="output" if got is None else "reference"))
                     continue
-                for i, (got, w) in enumerate(zip(g["outputs"], want)):
-                    if got != w:
-                        pos = next((j for j, (a, b) in enumerate(zip(got, w)) if a != b), min(len(got), len(w)))
-                        bad.append({"config": unit[0], "method": unit[1], "k": unit[2], "round": rnd,
-                                    "against": ref_unit[0], "task": g["task"], "batch": g["batch"], "prompt": i,
-                                    "first_diff": pos, "len": len(got), "len_ref": len(w)})
+                for i in range(max(len(got), len(want))):
+                    if i >= len(got) or i >= len(want):
+                        bad.append(dict(where, prompt=i, missing="output" if i >= len(got) else "reference"))
+                        continue
+                    g, w = got[i], want[i]
+                    if g != w:
+                        pos = next((j for j, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
+                        bad.append(dict(where, prompt=i, first_diff=pos, len=len(g), len_ref=len(w)))
     return bad, bool(refs)
 
 
 def split_mismatches(bad: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``(nanospec, vllm)``: differences NanoSpec is answerable for (a NanoSpec configuration against its twin,
-    or against no-spec when no twin ran; no-spec against itself) and those of vLLM's own speculation (a
-    full-head configuration against no-spec)."""
-    vllm = [m for m in bad if m["config"] in FULL_HEAD_CONFIGS]
-    return [m for m in bad if m["config"] not in FULL_HEAD_CONFIGS], vllm
+    """``(failures, vllm)``: differences NanoSpec is answerable for (a NanoSpec configuration against its twin,
+    or against no-spec when no twin ran; no-spec against itself) and every missing output (an identity that
+    could not be checked), then the differences of vLLM's own speculation (a full-head configuration's outputs
+    against no-spec)."""
+    def is_vllm(m: dict[str, Any]) -> bool:
+        return m["config"] in FULL_HEAD_CONFIGS and not m.get("missing")
+
+    return [m for m in bad if not is_vllm(m)], [m for m in bad if is_vllm(m)]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -870,8 +890,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
               f"{len(data['spec_vs_no_spec'])} outputs (not NanoSpec's; see the JSON `spec_vs_no_spec`)",
               file=sys.stderr)
     if data["mismatches"]:
-        print(f"nanospec bench e2e: {len(data['mismatches'])} NANOSPEC OUTPUTS DIFFER from the same speculation "
-              f"without NanoSpec (greedy): {data['mismatches'][:5]}", file=sys.stderr)
+        missing = [m for m in data["mismatches"] if m.get("missing")]
+        if missing:
+            print(f"nanospec bench e2e: {len(missing)} OUTPUTS MISSING, so their identity was not checked: "
+                  f"{missing[:5]}", file=sys.stderr)
+        differ = [m for m in data["mismatches"] if not m.get("missing")]
+        if differ:
+            print(f"nanospec bench e2e: {len(differ)} NANOSPEC OUTPUTS DIFFER from the same speculation "
+                  f"without NanoSpec (greedy): {differ[:5]}", file=sys.stderr)
         return 3
     if not header.get("identity_checked"):
         print("nanospec bench e2e: warning: no-spec was not run, so outputs were not checked for identity",
