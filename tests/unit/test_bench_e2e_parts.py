@@ -354,7 +354,7 @@ def test_run_exits_3_on_a_missing_output(monkeypatch, tmp_path, capsys):
                    "execute_s": 0.1, "sample_s": 0.1, "propose_s": 0.0}} for b in job["batches"] for g in job["groups"]]
         return {"startup_s": 1.0, "groups": groups}
 
-    monkeypatch.setattr(e2e, "run_engine", fake_engine)
+    monkeypatch.setattr(e2e.job, "run_engine", fake_engine)
     args = ["--model", str(ROOT), "--draft", str(ROOT), "--prompts", str(prompts), "--batch", "2", "--repeats", "1",
             "--configs", "no-spec,full-head,nanospec", "--iomp", "off", "--json", str(tmp_path / "r.json")]
     assert e2e.main(args) == 3
