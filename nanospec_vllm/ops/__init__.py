@@ -7,7 +7,13 @@
 * ``triton`` -- :mod:`.triton_kernels` (batched gather + dot + argmax in one kernel; CUDA, or CPU tensors
   under ``TRITON_INTERPRET=1`` for tests);
 * ``native`` -- :mod:`.native` (C++ CPU extension from ``csrc/``, fused gather + dot + argmax over all cores);
-* ``auto``   -- ``triton`` on CUDA, ``native`` on CPU when built (else ``torch``, with one warning).
+* ``auto``   -- ``triton`` on CUDA, ``native`` on CPU when built (else ``torch``, with one warning);
+* ``union``  -- :mod:`.union`: one gather of the union of the batch's sets and one fp32 GEMM, each row masked to
+  its own set (a union larger than its fixed buffer is finished by the ``auto`` kernel on the device). A caller
+  whose sets do not change between draft positions passes the same :class:`.union.UnionPlan` at each of them.
+
+Which of per-request / union / dense is cheapest for a step's sizes: :mod:`.cost` (the ``kernel: auto`` choice of
+the vLLM head).
 
 ``dense`` is a strategy, not a kernel: when ``B x C >= dense_fallback_ratio x V`` the full head is cheaper than
 gathering rows, so the dense logits are computed in the weight's dtype (as vLLM's head does) and masked to the
@@ -27,12 +33,15 @@ from dataclasses import dataclass
 import torch
 
 from .reference import RawHead, candidate_rows, raw_reference, select
+from .union import UnionPlan, prepare_union, union_raw
 
 __all__ = [
     "SparseHeadOutput",
+    "UnionPlan",
     "available_impls",
     "check_shapes",
     "dense_masked_scores",
+    "prepare_union",
     "resolve_impl",
     "row_index_from_d2t",
     "sparse_head",
@@ -76,8 +85,11 @@ def available_impls(device: torch.device | str) -> list[str]:
 
 
 def resolve_impl(impl: str, device: torch.device | str) -> str:
-    """Map ``auto`` to a concrete implementation for ``device``; validate an explicit choice."""
+    """Map ``auto`` to a concrete implementation for ``device``; validate an explicit choice. ``union`` is kept
+    as is (its overflow pass uses ``auto``'s kernel)."""
     dev = torch.device(device)
+    if impl == "union":
+        return impl
     avail = available_impls(dev)
     if impl == "auto":
         if dev.type == "cuda" and "triton" in avail:
@@ -94,7 +106,8 @@ def resolve_impl(impl: str, device: torch.device | str) -> str:
             )
         return "torch"
     if impl not in ("torch", "triton", "native"):
-        raise ValueError(f"unknown sparse head implementation {impl!r} (allowed: auto, torch, triton, native)")
+        raise ValueError(f"unknown sparse head implementation {impl!r} (allowed: auto, torch, triton, native, "
+                         "union)")
     if impl not in avail:
         raise RuntimeError(f"sparse head implementation {impl!r} is not available on {dev} (available: {avail})")
     return impl
@@ -138,6 +151,7 @@ def sparse_head(
     vocab_size: int | None = None,
     impl: str = "auto",
     dense_fallback_ratio: float | None = None,
+    union_plan: UnionPlan | None = None,
 ) -> SparseHeadOutput:
     """Score the active ids of each row and pick the draft token(s).
 
@@ -149,13 +163,15 @@ def sparse_head(
         row_index: optional ``[V]`` int target-id -> weight-row map (``-1`` = absent).
         topk: also return the top-``k`` ids and scores.
         want_logprobs: also return log-probabilities over the active set, ``[B, vocab_size]``.
-        impl: ``auto`` / ``torch`` / ``triton`` / ``native``.
+        impl: ``auto`` / ``torch`` / ``triton`` / ``native`` / ``union``.
         dense_fallback_ratio: use the dense-masked strategy when ``B * C >= ratio * Vw`` (None: never).
+        union_plan: a :func:`.union.prepare_union` plan of these ``ids`` / ``counts`` / ``row_index`` (built once
+            per step by the caller); given, the union path runs whatever ``impl`` says.
     """
     check_shapes(hidden, weight, ids, counts)
     if want_logprobs and vocab_size is None:
         vocab_size = row_index.shape[0] if row_index is not None else weight.shape[0]
-    name, raw = _run(hidden, weight, ids, counts, row_index, impl, dense_fallback_ratio)
+    name, raw = _run(hidden, weight, ids, counts, row_index, impl, dense_fallback_ratio, union_plan)
     scores, tok, best = raw
     topk_ids = topk_scores = logprobs = None
     if topk > 0 or want_logprobs:  # the one shared epilogue
@@ -164,13 +180,18 @@ def sparse_head(
 
 
 def _run(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
-         row_index: torch.Tensor | None, impl: str, dense_fallback_ratio: float | None) -> tuple[str, RawHead]:
+         row_index: torch.Tensor | None, impl: str, dense_fallback_ratio: float | None,
+         union_plan: UnionPlan | None = None) -> tuple[str, RawHead]:
     if dense_fallback_ratio is not None and use_dense(ids.shape[0], ids.shape[1], weight.shape[0],
                                                       dense_fallback_ratio):
         s = dense_masked_scores(hidden, weight, ids, counts, row_index)
         tok, best, *_ = select(s, ids)
         return "dense", (s, tok, best)
     name = resolve_impl(impl, hidden.device)
+    if name == "union" or union_plan is not None:
+        plan = union_plan if union_plan is not None else prepare_union(weight, ids, counts, row_index)
+        over = resolve_impl("auto", hidden.device) if plan.may_overflow else "torch"
+        return "union", union_raw(hidden, plan, weight, ids, counts, row_index, over)
     if name == "torch":
         return name, raw_reference(hidden, weight, ids, counts, row_index)
     if name == "native":

@@ -34,6 +34,7 @@ from .reference import NEG_INF, select
 
 if TYPE_CHECKING:
     from . import SparseHeadOutput
+    from .union import UnionPlan
 
 __all__ = [
     "AllGather",
@@ -135,6 +136,7 @@ def sparse_head_sharded(
     vocab_size: int | None = None,
     impl: str = "auto",
     dense_fallback_ratio: float | None = None,
+    union_plan: UnionPlan | None = None,
 ) -> SparseHeadOutput:
     """:func:`..sparse_head` on one rank of a vocab-parallel head; every rank of the group must call it together.
 
@@ -142,6 +144,7 @@ def sparse_head_sharded(
         weight: this rank's ``[rows, H]`` shard of the head.
         row_index: ``[V]`` target id -> local row (:func:`shard_row_index`); ``-1`` = held by another rank.
         all_gather: the group's collective (see :data:`AllGather`).
+        union_plan: this rank's :func:`.union.prepare_union` plan (over its local rows), or None.
         others: as :func:`..sparse_head`.
 
     Returns the :class:`..SparseHeadOutput` the single-device head would return over the full vocabulary (same
@@ -151,7 +154,8 @@ def sparse_head_sharded(
     check_shapes(hidden, weight, ids, counts)
     if want_logprobs and vocab_size is None:
         vocab_size = row_index.shape[0]
-    name, (scores, tok, best) = _run(hidden, weight, ids, counts, row_index, impl, dense_fallback_ratio)
+    name, (scores, tok, best) = _run(hidden, weight, ids, counts, row_index, impl, dense_fallback_ratio,
+                                     union_plan)
     if topk > 0 or want_logprobs:  # the full candidate scores on every rank, then the one shared epilogue
         full = merge_scores(all_gather(scores.float()))
         tok, best, topk_ids, topk_scores, logprobs = select(full, ids, topk, want_logprobs, vocab_size)

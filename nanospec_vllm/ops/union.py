@@ -1,0 +1,159 @@
+"""The union path of the sparse draft head: one gather of the batch's union of active ids, one dense GEMM.
+
+The per-request kernels read ``sum(counts)`` head rows, one set at a time. The sets of one batch overlap (pinned
+ids, hot set, chat-template and common tokens, the target's top-k), so their union ``U`` is smaller than the sum;
+at large batches it is also far smaller than the head. The union path:
+
+1. marks every valid candidate's head row in a ``[Vw + 1]`` bool map (one scatter; invalid candidates go to the
+   spare last entry) and compacts the marked rows, in increasing order, into a FIXED-SIZE buffer of ``capacity``
+   rows with a cumulative sum and one scatter (no ``nonzero`` / ``unique``: static shapes, nothing read on the
+   host). The union's size stays on the device;
+2. gathers those ``capacity`` rows once (``index_select``) and converts them to fp32 (:func:`prepare_union`);
+3. per draft position, one GEMM ``hidden [B, H] x rows.T -> [B, capacity]`` in fp32, then each candidate reads its
+   own column back (``gather``), which masks every row to its own set (:func:`union_raw`).
+
+The result is the raw ``(scores [B, C], token_ids, best)`` of every other implementation, with the same fp32
+scores (up to accumulation order), so :func:`.reference.select` is the unchanged epilogue. ``row_index`` (EAGLE-3
+``d2t`` heads, vocab shards: :mod:`.tp`) is applied before the union is formed, so the union is over head rows.
+
+Overflow: a union larger than ``capacity`` keeps its ``capacity`` lowest rows; the candidates whose row did not
+fit are scored by the per-request kernel (``overflow_impl``) over those candidates only (the others are passed
+as ``-1``, which the native and Triton kernels skip without reading a row) and merged with ``torch.where``: exact,
+on the device, no host branch. The default ``capacity`` is ``min(Vw, B x C)``, which no union can exceed; the
+overflow pass is then skipped (decided from shapes on the host).
+
+Costs (``B`` rows, ``C`` columns, ``U`` = ``capacity``, ``H`` hidden, ``Vw`` head rows):
+:func:`prepare_union` writes ``Vw + 1`` bytes of map and ``8 Vw`` bytes of cumulative sum, reads ``U`` head rows
+and writes ``U x H`` fp32 (``4 U H`` bytes, held by the plan; pass a ``workspace`` dict to reuse the buffers
+across calls); :func:`union_raw` is one ``[B, H] x [H, U]`` fp32 GEMM plus ``[B, C]`` gathers. The plan depends
+only on the sets, so a caller whose sets do not change between draft positions builds it once per step and
+reuses it (:class:`..vllm.head.SparseDraftHead` does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .reference import NEG_INF, RawHead, candidate_rows, select
+
+__all__ = ["UnionPlan", "default_capacity", "prepare_union", "union_raw", "union_size"]
+
+
+@dataclass
+class UnionPlan:
+    """One batch's union, ready to be scored at any number of draft positions (all on the device)."""
+
+    rows: torch.Tensor  # [capacity] int64 head rows of the union, increasing (0 past the union's end)
+    size: torch.Tensor  # [] int64 number of distinct head rows among the valid candidates (may exceed capacity)
+    col: torch.Tensor  # [B, C] int64 column of each candidate in ``rows`` (clamped to capacity - 1)
+    valid: torch.Tensor  # [B, C] bool the candidate is scored (see reference.candidate_rows)
+    fits: torch.Tensor  # [B, C] bool valid and inside the first ``capacity`` union rows
+    weight_rows: torch.Tensor  # [capacity, H] fp32 copy of the union's head rows
+    capacity: int
+    may_overflow: bool  # host-known: capacity < min(Vw, B x C)
+
+
+def default_capacity(batch: int, width: int, vocab_rows: int) -> int:
+    """The largest union ``batch`` sets of ``width`` ids can have in a head of ``vocab_rows`` rows (>= 1)."""
+    return max(1, min(vocab_rows, batch * width))
+
+
+def _buffer(workspace: dict | None, key: str, shape: tuple[int, ...], dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+    """A reusable buffer from ``workspace`` (allocated on first use for this shape), or a fresh one."""
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    t = workspace.get(key)
+    if t is None or t.shape != shape or t.dtype != dtype or t.device != device:
+        t = torch.empty(shape, dtype=dtype, device=device)
+        workspace[key] = t
+    return t
+
+
+def _mark(rows: torch.Tensor, valid: torch.Tensor, vocab_rows: int, workspace: dict | None) -> torch.Tensor:
+    """``[Vw + 1]`` bool: entry ``r`` is set when some valid candidate reads head row ``r`` (last entry: spare)."""
+    mark = _buffer(workspace, "mark", (vocab_rows + 1,), torch.bool, rows.device)
+    mark.zero_()
+    target = torch.where(valid, rows, torch.full_like(rows, vocab_rows)).reshape(-1)
+    mark.index_fill_(0, target, True)
+    return mark
+
+
+def union_size(ids: torch.Tensor, counts: torch.Tensor, vocab_rows: int,
+               row_index: torch.Tensor | None = None, workspace: dict | None = None) -> torch.Tensor:
+    """``[]`` int64 on the device: how many distinct head rows the batch's valid candidates read (no host sync).
+    Cost: one ``[Vw + 1]`` bool map, one scatter of ``B x C``, one count."""
+    rows, valid = candidate_rows(ids, counts, vocab_rows, row_index)
+    return _mark(rows, valid, vocab_rows, workspace)[:vocab_rows].sum()
+
+
+def prepare_union(weight: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
+                  row_index: torch.Tensor | None = None, capacity: int | None = None,
+                  workspace: dict | None = None) -> UnionPlan:
+    """Form the union of the batch's sets and gather its head rows once (fp32). See the module docstring.
+
+    ``capacity``: rows the plan holds (default :func:`default_capacity`, which never overflows); a union larger
+    than it is finished by the per-request kernel in :func:`union_raw`. ``workspace``: a dict the caller keeps to
+    reuse the buffers between calls (the plan then aliases them: one plan per workspace at a time)."""
+    Vw, H = weight.shape
+    B, C = ids.shape
+    dev = weight.device
+    bound = default_capacity(B, C, Vw)
+    cap = bound if capacity is None else max(1, min(int(capacity), bound))
+    rows, valid = candidate_rows(ids, counts, Vw, row_index)
+    mark = _mark(rows, valid, Vw, workspace)[:Vw]
+    pos = torch.cumsum(mark, 0)  # [Vw] int64: 1-based position of each marked row in the union
+    size = pos[-1] if Vw else torch.zeros((), dtype=torch.int64, device=dev)
+    # compact: marked row r goes to slot pos[r] - 1 when it fits; everything else to the spare slot `cap`
+    slot = torch.where(mark & (pos <= cap), pos - 1, torch.full_like(pos, cap))
+    urows = _buffer(workspace, "rows", (cap + 1,), torch.int64, dev)
+    urows.zero_()
+    urows.scatter_(0, slot, torch.arange(Vw, device=dev, dtype=torch.int64))
+    urows[cap] = 0  # the spare slot received arbitrary rows
+    urows = urows[:cap]
+    col = pos.gather(0, rows.reshape(-1)).reshape(B, C) - 1 if Vw else torch.zeros_like(rows)
+    fits = valid & (col < cap)
+    col = col.clamp(0, cap - 1)
+    gathered = _buffer(workspace, "gathered", (cap, H), weight.dtype, dev)
+    torch.index_select(weight, 0, urows, out=gathered)
+    if weight.dtype == torch.float32:
+        weight_rows = gathered
+    else:
+        weight_rows = _buffer(workspace, "rows_f32", (cap, H), torch.float32, dev)
+        weight_rows.copy_(gathered)
+    return UnionPlan(urows, size, col, valid, fits, weight_rows, cap, cap < bound)
+
+
+def union_raw(hidden: torch.Tensor, plan: UnionPlan, weight: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
+              row_index: torch.Tensor | None = None, overflow_impl: str = "torch") -> RawHead:
+    """Raw ``(scores [B, C], token_ids [B], best [B])`` from a :class:`UnionPlan` of the same ``ids`` / ``counts``.
+
+    One fp32 GEMM ``[B, H] x [H, capacity]`` and a per-row gather. When the plan may overflow, the candidates that
+    did not fit are scored by ``overflow_impl`` (``torch`` / ``native`` / ``triton``) with the others passed as
+    ``-1`` and merged on the device."""
+    full = hidden.float() @ plan.weight_rows.T  # [B, capacity]
+    s = full.gather(1, plan.col).masked_fill(~plan.fits, NEG_INF)
+    if plan.may_overflow:
+        rest = plan.valid & ~plan.fits
+        ids_rest = torch.where(rest, ids, torch.full_like(ids, -1))
+        s_rest = _per_request(overflow_impl, hidden, weight, ids_rest, counts, row_index)
+        s = torch.where(rest, s_rest, s)
+    tok, best, *_ = select(s, ids)
+    return s, tok, best
+
+
+def _per_request(impl: str, hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
+                 row_index: torch.Tensor | None) -> torch.Tensor:
+    if impl == "native":
+        from .native import sparse_head_native
+
+        return sparse_head_native(hidden, weight, ids, counts, row_index)[0]
+    if impl == "triton":
+        from .triton_kernels import sparse_head_triton
+
+        return sparse_head_triton(hidden, weight, ids, counts, row_index)[0]
+    from .reference import scores_reference
+
+    return scores_reference(hidden, weight, ids, counts, row_index)
