@@ -46,7 +46,7 @@ _FALSE = {"0", "false", "off", "no"}
 #: ``hot_set_path`` value that picks the shipped hot set whose tokenizer check the target's tokenizer passes
 HOT_SET_AUTO = "auto"
 
-KernelChoice = Literal["auto", "triton", "torch", "native"]
+KernelChoice = Literal["auto", "triton", "torch", "native", "union"]
 FullPolicy = Literal["stop", "fifo"]
 
 
@@ -89,7 +89,7 @@ class NanoSpecConfig(BaseModel):
         "line), or null (none).",
     )
     hot_set_size: int | None = Field(512, ge=1, description="Use only the first N ids of the hot set (null: all).")
-    kernel: KernelChoice = Field("auto", description="Sparse head implementation.")
+    kernel: KernelChoice = Field("auto", description="Sparse head implementation, or the `union` path.")
     dense_fallback_ratio: float | None = Field(
         None,
         gt=0.0,
