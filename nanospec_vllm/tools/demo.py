@@ -99,12 +99,13 @@ def core_check(model_dir: Path, prompt: str, steps: int = 24, capacity: int = 30
 
     from ..ops import sparse_head
     from ..state import ActiveVocabPool
+    from .bench.e2e.job import has_chat_template, prompt_ids
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                   tokenize=False)
-    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+    # through the chat template; a base model without one gets the raw prompt (as /v1/completions sends it)
+    templated = has_chat_template(tok)
+    ids = torch.tensor([prompt_ids(tok, prompt)], dtype=torch.long)
     weight = model.get_output_embeddings().weight  # [V, H], read only
     V = weight.shape[0]
     pool = ActiveVocabPool(1, V, capacity, pinned_ids=[i for i in tok.all_special_ids if i < V])
@@ -130,7 +131,8 @@ def core_check(model_dir: Path, prompt: str, steps: int = 24, capacity: int = 30
             ids = torch.cat([ids, torch.tensor([[dense_tok]])], dim=1)
     answer = tok.decode(ids[0, -steps:])
     print(f"core check on {model_dir.name} (sparse head impl={impl}, no vLLM): {steps} greedy tokens\n"
-          f"  prompt: {prompt!r}\n  answer: {answer!r}\n"
+          f"  prompt{'' if templated else ' (raw: the tokenizer has no chat template)'}: {prompt!r}\n"
+          f"  answer: {answer!r}\n"
           f"  active set: {sizes[0]} -> {sizes[-1]} of {V} ids ({V / sizes[-1]:.0f}x smaller than the vocabulary)\n"
           f"  dense head's token in the active set at {in_set}/{steps} positions (coverage); "
           f"sparse head picked the same token at {equal}/{in_set} of those\n", flush=True)

@@ -14,7 +14,9 @@ What it does:
 * **Prompts**: ``--prompts`` JSONL rows ``{"prompt": ...}``, else 48 calibration prompts
   (:func:`nanospec_vllm.tools.calibration.calibration_prompts`, no benchmark text). Each is measured with the
   server's ``/tokenize`` (completion and chat forms); those that would not fit ``--max-model-len`` with the
-  longest output are dropped.
+  longest output are dropped. A model the server has no chat template for (a base model: ``/tokenize`` of a chat
+  says so with a 400) is driven through ``/v1/completions`` only, and the header says so (``chat_template:
+  false``).
 * **Clients** (``--concurrency`` threads, each with its own seeded generator, until ``--duration`` s have
   passed; requests in flight then finish): each request picks an endpoint (``/v1/completions`` or
   ``/v1/chat/completions``), a prompt, ``max_tokens`` in (8, 32, 96, 200), ``ignore_eos`` (30%), the NanoSpec
@@ -107,10 +109,10 @@ class Result:
     phase: str = "drive"  # warmup | drive | reference
 
 
-def plan_request(rng: random.Random, n_prompts: int) -> Plan:
-    """Draw one request (see the module docstring for the mix)."""
+def plan_request(rng: random.Random, n_prompts: int, endpoints: tuple[str, ...] = ENDPOINTS) -> Plan:
+    """Draw one request (see the module docstring for the mix) for one of ``endpoints``."""
     kind = rng.choices(KINDS, KIND_WEIGHTS)[0]
-    endpoint = rng.choice(ENDPOINTS)
+    endpoint = rng.choice(endpoints)
     prompt = rng.randrange(n_prompts)
     nanospec = rng.random() < 0.5
     if kind in ("disconnect", "abort"):
@@ -296,10 +298,11 @@ class Soak:
     deadline: float
     results: list[Result] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    endpoints: tuple[str, ...] = ENDPOINTS
 
     def worker(self, rng: random.Random) -> None:
         while time.monotonic() < self.deadline:
-            res = self.client.send(plan_request(rng, self.n_prompts))
+            res = self.client.send(plan_request(rng, self.n_prompts, self.endpoints))
             with self.lock:
                 self.results.append(res)
 
@@ -314,15 +317,32 @@ def load_prompts(path: str | None, seed: int, n: int = 48) -> list[str]:
     return [p.prompt for p in calibration_prompts(n, seed=seed)]
 
 
-def fitting_prompts(base: str, model: str, prompts: list[str], limit: int) -> list[str]:
-    """Prompts whose completion and chat forms both leave ``limit`` tokens free (server's ``/tokenize``)."""
+def _chat_body(model: str, prompt: str) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": prompt}], "add_generation_prompt": True}
+
+
+def chat_template_available(base: str, model: str) -> bool:
+    """Whether the server can render a chat for ``model``: False when ``/tokenize`` of a one-turn chat answers 400
+    naming the chat template (vLLM's answer for a tokenizer without one and no ``--chat-template``). Another
+    error is raised."""
+    import requests
+
+    r = requests.post(base + "/tokenize", json=_chat_body(model, "Hello"), timeout=60)
+    if r.status_code == 400 and "chat template" in r.text.lower():
+        return False
+    r.raise_for_status()
+    return True
+
+
+def fitting_prompts(base: str, model: str, prompts: list[str], limit: int, chat: bool = True) -> list[str]:
+    """Prompts whose completion form (and chat form, with ``chat``) leave ``limit`` tokens free (server's
+    ``/tokenize``)."""
     import requests
 
     out = []
     for p in prompts:
         n = 0
-        for body in ({"model": model, "prompt": p},
-                     {"model": model, "messages": [{"role": "user", "content": p}], "add_generation_prompt": True}):
+        for body in ({"model": model, "prompt": p}, *([_chat_body(model, p)] if chat else [])):
             r = requests.post(base + "/tokenize", json=body, timeout=60)
             r.raise_for_status()
             n = max(n, int(r.json()["count"]))
@@ -373,15 +393,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _drive(args: argparse.Namespace, server: Any, header: dict[str, Any], log_path: Path) -> dict[str, Any]:
     model = server.model
     pool = load_prompts(args.prompts, args.seed)
-    prompts = fitting_prompts(server.base, model, pool, args.max_model_len - max(MAX_TOKENS) - 8)
+    chat = chat_template_available(server.base, model)
+    header["chat_template"] = chat
+    endpoints = ENDPOINTS if chat else ("completions",)
+    if not chat:
+        _log(f"{Path(model).name} has no chat template: driving /v1/completions only (header chat_template: false)")
+    prompts = fitting_prompts(server.base, model, pool, args.max_model_len - max(MAX_TOKENS) - 8, chat=chat)
     if not prompts:
         raise SystemExit(f"no prompt fits --max-model-len {args.max_model_len} with {max(MAX_TOKENS)} new tokens")
     header["prompts"] = {"source": args.prompts or "calibration", "offered": len(pool), "used": len(prompts)}
     client = Client(server.base, model, prompts, args.request_timeout)
     results: list[Result] = []
     # warm-up: a few of each endpoint, switch on and off, before the memory baseline
-    warm = [Plan("complete", e, i % len(prompts), 32, False, bool(i % 2)) for i, e in
-            enumerate(ENDPOINTS * max(1, args.concurrency // 2))]
+    n_warm = len(ENDPOINTS) * max(1, args.concurrency // 2)
+    warm = [Plan("complete", endpoints[i % len(endpoints)], i % len(prompts), 32, False, bool(i % 2))
+            for i in range(n_warm)]
     with ThreadPoolExecutor(args.concurrency) as ex:
         results += list(ex.map(lambda p: client.send(p, "warmup"), warm))
     time.sleep(2)
@@ -389,7 +415,7 @@ def _drive(args: argparse.Namespace, server: Any, header: dict[str, Any], log_pa
     pre0 = server.metric("vllm:num_preemptions_total")
     _log(f"warm-up done ({len(warm)} requests), server RSS {rss_start:,.0f} MiB; driving {args.duration:g} s "
          f"x {args.concurrency} clients over {len(prompts)} prompts")
-    soak = Soak(client, len(prompts), time.monotonic() + args.duration)
+    soak = Soak(client, len(prompts), time.monotonic() + args.duration, endpoints=endpoints)
     threads = [threading.Thread(target=soak.worker, args=(random.Random(args.seed * 1000 + i),), daemon=True)
                for i in range(args.concurrency)]
     t0 = time.monotonic()
