@@ -124,8 +124,13 @@ class NanoSpecConfig(BaseModel):
         if v is None or v == HOT_SET_AUTO:
             return v
         p = Path(os.path.expanduser(v))
-        if not p.is_file():
+        try:
+            found = p.is_file()
+        except OSError as e:  # e.g. a name too long for the file system
+            raise ValueError(f"cannot read {v!r} ({e.strerror})") from None
+        if not found:
             raise ValueError(f"file not found: {p}")
+        load_hot_set(str(p))  # an unreadable file or one that is not token ids: an error of this key
         return str(p)
 
     @model_validator(mode="after")
@@ -261,7 +266,9 @@ def _read_ids(path: str, _mtime_ns: int) -> tuple[int, ...]:
     stripped = text.lstrip()
     try:
         if stripped.startswith("["):
-            ids = [int(x) for x in json.loads(stripped)]
+            ids = json.loads(stripped)
+            if not all(type(x) is int for x in ids):  # int(1.5) would pass 1.5 off as id 1
+                raise ValueError(f"not an integer: {next(x for x in ids if type(x) is not int)!r}")
         else:
             ids = [int(line.split("#", 1)[0]) for line in text.splitlines() if line.split("#", 1)[0].strip()]
     except (ValueError, TypeError) as e:
@@ -376,7 +383,10 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if isinstance(block, dict) and isinstance(block.get("hot_set_path"), str) and block["hot_set_path"] != HOT_SET_AUTO:
         # a relative hot-set path means "beside this file", wherever the server is started from
         hot = expand_value(block["hot_set_path"])
-        block["hot_set_path"] = hot if os.path.isabs(hot) else str((p.parent / hot).resolve())
+        try:
+            block["hot_set_path"] = hot if os.path.isabs(hot) else str((p.parent / hot).resolve())
+        except (OSError, ValueError) as e:  # e.g. an embedded NUL
+            raise NanoSpecConfigError(f"{p}: nanospec.hot_set_path: cannot resolve {hot!r} ({e})") from None
     return data
 
 
