@@ -6,8 +6,9 @@ at large batches it is also far smaller than the head. The union path:
 
 1. marks every valid candidate's head row in a ``[Vw + 1]`` bool map (one scatter; invalid candidates go to the
    spare last entry) and compacts the marked rows, in increasing order, into a FIXED-SIZE buffer of ``capacity``
-   rows with a cumulative sum and one scatter (no ``nonzero`` / ``unique``: static shapes, nothing read on the
-   host). The union's size stays on the device;
+   rows (``nonzero_static`` on CPU, a cumulative sum and one scatter elsewhere; never ``nonzero`` / ``unique``:
+   static shapes, nothing read on the host); each candidate finds its column by binary search. The union's
+   size stays on the device;
 2. gathers those ``capacity`` rows once (``index_select``) and converts them to fp32 (:func:`prepare_union`);
 3. per draft position, one GEMM ``hidden [B, H] x rows.T -> [B, capacity]`` in fp32, then each candidate reads its
    own column back (``gather``), which masks every row to its own set (:func:`union_raw`).
@@ -23,7 +24,7 @@ on the device, no host branch. The default ``capacity`` is ``min(Vw, B x C)``, w
 overflow pass is then skipped (decided from shapes on the host).
 
 Costs (``B`` rows, ``C`` columns, ``U`` = ``capacity``, ``H`` hidden, ``Vw`` head rows):
-:func:`prepare_union` writes ``Vw + 1`` bytes of map and ``8 Vw`` bytes of cumulative sum, reads ``U`` head rows
+:func:`prepare_union` makes two passes over a ``Vw + 1``-byte map, a ``B x C x log2(U)`` search, reads ``U`` head rows
 and writes ``U x H`` fp32 (``4 U H`` bytes, held by the plan; pass a ``workspace`` dict to reuse the buffers
 across calls); :func:`union_raw` is one ``[B, H] x [H, U]`` fp32 GEMM plus ``[B, C]`` gathers. The plan depends
 only on the sets, so a caller whose sets do not change between draft positions builds it once per step and
@@ -104,18 +105,13 @@ def prepare_union(weight: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
     cap = bound if capacity is None else max(1, min(int(capacity), bound))
     rows, valid = candidate_rows(ids, counts, Vw, row_index)
     mark = _mark(rows, valid, Vw, workspace)[:Vw]
-    pos = torch.cumsum(mark, 0)  # [Vw] int64: 1-based position of each marked row in the union
-    size = pos[-1] if Vw else torch.zeros((), dtype=torch.int64, device=dev)
-    # compact: marked row r goes to slot pos[r] - 1 when it fits; everything else to the spare slot `cap`
-    slot = torch.where(mark & (pos <= cap), pos - 1, torch.full_like(pos, cap))
-    urows = _buffer(workspace, "rows", (cap + 1,), torch.int64, dev)
-    urows.zero_()
-    urows.scatter_(0, slot, torch.arange(Vw, device=dev, dtype=torch.int64))
-    urows[cap] = 0  # the spare slot received arbitrary rows
-    urows = urows[:cap]
-    col = pos.gather(0, rows.reshape(-1)).reshape(B, C) - 1 if Vw else torch.zeros_like(rows)
-    fits = valid & (col < cap)
-    col = col.clamp(0, cap - 1)
+    size = mark.sum()
+    urows = _compact(mark, cap)  # [cap] increasing union rows, padded with Vw
+    # each candidate's column: binary search of its row among the union's (padding Vw sorts last); a row that is
+    # not among the first `cap` (overflow) finds another row there
+    col = torch.searchsorted(urows, rows.reshape(-1)).reshape(B, C).clamp_(max=cap - 1)
+    fits = valid & (urows.gather(0, col.reshape(-1)).reshape(B, C) == rows)
+    urows = urows.clamp(max=Vw - 1) if Vw else urows
     gathered = _buffer(workspace, "gathered", (cap, H), weight.dtype, dev)
     torch.index_select(weight, 0, urows, out=gathered)
     if weight.dtype == torch.float32:
@@ -124,6 +120,20 @@ def prepare_union(weight: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
         weight_rows = _buffer(workspace, "rows_f32", (cap, H), torch.float32, dev)
         weight_rows.copy_(gathered)
     return UnionPlan(urows, size, col, valid, fits, weight_rows, cap, cap < bound)
+
+
+def _compact(mark: torch.Tensor, cap: int, scatter: bool | None = None) -> torch.Tensor:
+    """The first ``cap`` set positions of ``mark [Vw]`` in increasing order, padded with ``Vw``: a static shape
+    and no host read. ``nonzero_static`` on CPU; elsewhere (or ``scatter=True``) a cumulative sum and one
+    scatter."""
+    Vw = mark.shape[0]
+    if not (mark.device.type != "cpu" if scatter is None else scatter):
+        return torch.nonzero_static(mark, size=cap, fill_value=Vw).reshape(cap)
+    pos = torch.cumsum(mark, 0, dtype=torch.int32)  # 1-based rank of each set position
+    slot = torch.where(mark & (pos <= cap), pos.long() - 1, cap)
+    out = torch.full((cap + 1,), Vw, dtype=torch.int64, device=mark.device)
+    out.scatter_(0, slot, torch.arange(Vw, device=mark.device, dtype=torch.int64))
+    return out[:cap]
 
 
 def union_raw(hidden: torch.Tensor, plan: UnionPlan, weight: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,

@@ -94,6 +94,22 @@ def test_union_size_known_answers() -> None:
     assert not plan.may_overflow and plan.capacity == default_capacity(3, 5, 10) == 10
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_both_compactions_agree(device: str) -> None:
+    """``nonzero_static`` (CPU) and the cumulative-sum scatter (other devices) give the same padded rows."""
+    from nanospec_vllm.ops.union import _compact
+
+    g = torch.Generator().manual_seed(0)
+    for density in (0.0, 0.01, 0.3, 1.0):
+        mark = (torch.rand(5000, generator=g) < density).to(device)
+        n = int(mark.sum())
+        for cap in (1, 7, max(1, n // 2), n + 5, 5000):
+            a, b = _compact(mark, cap, scatter=False), _compact(mark, cap, scatter=True)
+            expect = torch.nonzero(mark).reshape(-1)[:cap].tolist()
+            expect += [5000] * (cap - len(expect))
+            assert a.tolist() == b.tolist() == expect, (density, cap)
+
+
 def test_union_all_empty_and_no_columns() -> None:
     for width in (0, 6):
         ids = torch.full((3, width), -1)
