@@ -2,8 +2,9 @@
 
 vLLM calls :func:`register` once in every process it starts (front end, engine core, each worker), before the
 engine is built. It is cheap (imports only what the patches touch), idempotent, checks that the installed vLLM
-is the supported one, and applies the patch register (:mod:`.patches`). Every patch is inert for engines whose
-speculative config has no ``nanospec`` block. A failure raises: vLLM only logs plugin *import* errors, but an
+is the supported one, and applies the patch register (:mod:`.patches`). Every patch but two leaves engines whose
+speculative config has no ``nanospec`` block as vLLM made them; the register says, per entry, what such an engine
+gets and why the two cannot be inert (``Patch.plain``; ``tests/unit/test_patches_inert.py``). A failure raises: vLLM only logs plugin *import* errors, but an
 exception from ``register()`` stops start-up, so a broken install never runs half-patched.
 Set ``NANOSPEC_DISABLE=1`` to load nothing (e.g. to compare against plain vLLM in one environment).
 """

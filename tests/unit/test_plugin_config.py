@@ -1,8 +1,10 @@
 """Front-end pieces of the plugin that need no model: the --speculative-config file type, the per-request switch
-parser and its HTTP-400 error, and the CPU temperature-bug replacement."""
+parser and its HTTP-400 error, and the CPU temperature-bug replacement. What the same patches leave unchanged for
+engines without a `nanospec` block: tests/unit/test_patches_inert.py."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -12,22 +14,28 @@ pytest.importorskip("vllm")
 
 from nanospec_vllm.config import parse_switch, request_enabled
 from nanospec_vllm.vllm.patches import apply_all
-from nanospec_vllm.vllm.patches.patch_arg_utils import json_or_file
+from nanospec_vllm.vllm.patches.patch_arg_utils import speculative_config_type
 from nanospec_vllm.vllm.patches.patch_cpu_triton_utils import expand_kernel_impl_fixed
 
 
-def test_speculative_config_accepts_json_yaml_and_json_file(tmp_path):
-    assert json_or_file('{"method": "ngram"}') == {"method": "ngram"}
+def test_speculative_config_accepts_json_and_nanospec_files(tmp_path):
+    from vllm.engine.arg_utils import optional_type
+
+    parse = speculative_config_type(optional_type(json.loads))  # vLLM's own type for the flag
+    assert parse('{"method": "ngram"}') == {"method": "ngram"}
     y = tmp_path / "s.yaml"
     y.write_text("method: draft_model\nnum_speculative_tokens: 2\nnanospec:\n  capacity: 64\n")
-    assert json_or_file(str(y)) == {"method": "draft_model", "num_speculative_tokens": 2, "nanospec": {"capacity": 64}}
+    assert parse(str(y)) == {"method": "draft_model", "num_speculative_tokens": 2, "nanospec": {"capacity": 64}}
     j = tmp_path / "s.json"
+    j.write_text(json.dumps({"method": "eagle", "nanospec": {}}))
+    assert parse(str(j)) == {"method": "eagle", "nanospec": {}}
     j.write_text(json.dumps({"method": "eagle"}))
-    assert json_or_file(str(j)) == {"method": "eagle"}
-    with pytest.raises(ValueError, match="not found"):
-        json_or_file(str(tmp_path / "missing.yaml"))
-    with pytest.raises(ValueError):
-        json_or_file("not json")
+    with pytest.raises(argparse.ArgumentTypeError, match="read only when its config has a `nanospec` block"):
+        parse(str(j))
+    with pytest.raises(argparse.ArgumentTypeError, match="not found"):
+        parse(str(tmp_path / "missing.yaml"))
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot be converted"):  # vLLM's own error
+        parse("not json")
 
 
 def test_cli_parser_takes_a_file(tmp_path):
@@ -53,7 +61,10 @@ def test_switch_rejects(v):
         parse_switch(v)
 
 
-def test_sampling_params_bad_switch_is_validation_error():
+def test_sampling_params_bad_switch_is_validation_error(monkeypatch):
+    from nanospec_vllm.vllm.patches.scope import ENGINE_ENV
+
+    monkeypatch.setenv(ENGINE_ENV, "1")  # what create_speculative_config sets for a NanoSpec engine
     apply_all()
     from vllm import SamplingParams
     from vllm.exceptions import VLLMValidationError

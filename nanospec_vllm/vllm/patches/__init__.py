@@ -5,6 +5,12 @@ generated from this list (``python -m nanospec_vllm.vllm.patches.table``) and a 
 ``tests/unit/test_patch_drift.py`` checks every target still exists with the parameters its patch expects.
 Every patch NanoSpec makes is here, including the one that is not on vLLM (``patch_importlib_metadata``, which
 only the ``nanospec serve`` process turns on).
+
+Engines without a ``nanospec`` block: each entry's ``plain`` says what such an engine gets. Every wrapper but two
+calls vLLM's original unchanged for it (the runner's or proposer's NanoSpec runtime, the config's ``nanospec`` key,
+or :mod:`.scope` where the target has no engine object in reach); the two that cannot be inert say why
+(``SchedulerStats.nanospec_stats``, ``importlib.metadata:version``). ``tests/unit/test_patches_inert.py`` checks
+every "unchanged" claim. vLLM attributes read outside the patched signatures are listed in :mod:`.reads`.
 """
 
 from __future__ import annotations
@@ -54,9 +60,10 @@ def apply_all() -> list[Patch]:
 
 def markdown_table() -> str:
     """The register as the markdown table ``docs/architecture.md`` shows (one row per patched symbol)."""
-    rows = ["| file | symbol (`vllm.` omitted) | why | removal |", "|---|---|---|---|"]
+    rows = ["| file | symbol (`vllm.` omitted) | why | engines without `nanospec` | removal |",
+            "|---|---|---|---|---|"]
     for p in all_patches():
         module = p.make.__module__.rsplit(".", 1)[-1]
         mod, _, attr = p.target.partition(":")
-        rows.append(f"| `{module}` | `{mod.removeprefix('vllm.')}:{attr}` | {p.why} | {p.removal} |")
+        rows.append(f"| `{module}` | `{mod.removeprefix('vllm.')}:{attr}` | {p.why} | {p.plain} | {p.removal} |")
     return "\n".join(rows) + "\n"

@@ -31,6 +31,9 @@ class Patch:
     expect_params: tuple[str, ...] | None = None  # the target's full parameter list the replacement was written for
     when: Callable[[], bool] = field(default=lambda: True)  # version/platform gate
     name: str = ""  # identifies the patch (defaults to target); two different names on one attribute conflict
+    #: what the patch changes for an engine without a ``nanospec`` block: "unchanged: <how it stays inert>", or
+    #: what it changes and why it cannot be inert (shown in the register's table; every patch must say)
+    plain: str = ""
 
     def __post_init__(self) -> None:
         self.name = self.name or self.target

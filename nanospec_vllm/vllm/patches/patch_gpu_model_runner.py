@@ -21,12 +21,13 @@ import copy
 from typing import Any
 
 from .base import Patch
+from .scope import nanospec_step
 
 TARGET = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
 
 
 def _rt(runner: Any) -> Any:
-    return getattr(runner, "_nanospec_runtime", None)
+    return getattr(runner, "_nanospec_runtime", None)  # NanoSpec's own attribute: absent on plain engines
 
 
 def _make_update_states(orig: Any) -> Any:
@@ -74,15 +75,20 @@ def _make_propose(orig: Any) -> Any:
 
 
 def _attach(payload: dict, out: Any) -> Any:
-    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+    """Put the step's statistics on the runner's output: a ``ModelRunnerOutput``, or the one an
+    ``AsyncModelRunnerOutput`` wraps (``_model_runner_output``, read without a default: a rename fails at the
+    first step, and ``tests/unit/test_vllm_reads.py`` checks vLLM still sets it). Other outputs (a pipeline
+    stage's ``IntermediateTensors``) carry none."""
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, AsyncModelRunnerOutput, ModelRunnerOutput
 
     if out is EMPTY_MODEL_RUNNER_OUTPUT:
         out = copy.copy(out)  # never mutate vLLM's shared empty output
         out.nanospec_stats = payload
         return out
-    mro = out if isinstance(out, ModelRunnerOutput) else getattr(out, "_model_runner_output", None)
-    if isinstance(mro, ModelRunnerOutput):
-        mro.nanospec_stats = payload
+    if isinstance(out, ModelRunnerOutput):
+        out.nanospec_stats = payload
+    elif isinstance(out, AsyncModelRunnerOutput):
+        out._model_runner_output.nanospec_stats = payload
     return out
 
 
@@ -108,7 +114,8 @@ def _make_sample_tokens(orig: Any) -> Any:
         rt.begin_step()
         payload = None
         try:
-            out = orig(self, grammar_output)
+            with nanospec_step():  # the sampler patches act only inside this (scope.in_nanospec_step)
+                out = orig(self, grammar_output)
         finally:
             payload = rt.end_step()
         return out if out is None else _attach(payload, out)
@@ -116,22 +123,26 @@ def _make_sample_tokens(orig: Any) -> Any:
     return sample_tokens
 
 
+_PLAIN = "unchanged: the wrapper calls vLLM's method with the same arguments when the runner has no NanoSpec runtime"
+
 PATCHES = [
     Patch(f"{TARGET}._update_states", why="slot lifecycle follows admission, preemption, completion",
           removal="runner request-lifecycle hooks", make=_make_update_states,
-          expect_params=("self", "scheduler_output")),
+          expect_params=("self", "scheduler_output"),
+          plain="unchanged: no runtime is created without a `nanospec` block (`additional_config`), and the wrapper "
+                "then calls vLLM's method with the same arguments"),
     Patch(f"{TARGET}._sample", why="target top-k at verified positions from logits that already exist",
           removal="a post-verification hook with logits", make=_make_sample,
-          expect_params=("self", "logits", "spec_decode_metadata")),
+          expect_params=("self", "logits", "spec_decode_metadata"), plain=_PLAIN),
     Patch(f"{TARGET}.propose_draft_token_ids", why="update sets after verification; row->slot map for drafting",
           removal="a drafter context hook", make=_make_propose,
           expect_params=("self", "scheduler_output", "sampled_token_ids", "sampling_metadata", "hidden_states",
                          "sample_hidden_states", "aux_hidden_states", "spec_decode_metadata",
-                         "common_attn_metadata", "slot_mappings")),
+                         "common_attn_metadata", "slot_mappings"), plain=_PLAIN),
     Patch(f"{TARGET}.execute_model", why="carry statistics on steps that schedule nothing (slot release)",
           removal="a stats extension field on ModelRunnerOutput", make=_make_execute_model,
-          expect_params=("self", "scheduler_output", "intermediate_tensors")),
+          expect_params=("self", "scheduler_output", "intermediate_tensors"), plain=_PLAIN),
     Patch(f"{TARGET}.sample_tokens", why="owns NanoSpec's per-step context; carries the step's statistics",
           removal="a drafter context hook and a stats extension field on ModelRunnerOutput", make=_make_sample_tokens,
-          expect_params=("self", "grammar_output")),
+          expect_params=("self", "grammar_output"), plain=_PLAIN),
 ]

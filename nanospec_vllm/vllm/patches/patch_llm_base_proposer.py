@@ -16,7 +16,7 @@ from .base import Patch
 
 def _make(orig: Any) -> Any:
     def _sample_draft_tokens(self: Any, hidden_states: Any, sampling_metadata: Any) -> Any:
-        rt = getattr(self, "_nanospec_runtime", None)
+        rt = getattr(self, "_nanospec_runtime", None)  # NanoSpec's own attribute: absent on plain engines
         res = None if rt is None else rt.head.sample(self, hidden_states, sampling_metadata)
         return orig(self, hidden_states, sampling_metadata) if res is None else res
 
@@ -30,5 +30,6 @@ PATCHES = [
         removal="a pluggable draft head in vLLM proposers",
         make=_make,
         expect_params=("self", "hidden_states", "sampling_metadata"),
+        plain="unchanged: a proposer without a NanoSpec runtime goes straight to vLLM's method",
     )
 ]

@@ -26,6 +26,7 @@ from typing import Any
 
 from ..metrics.transport import STATS_FIELD
 from .base import Patch, PatchError
+from .scope import engine_configured
 
 logger = logging.getLogger("vllm.nanospec")
 MAX_PENDING = 256
@@ -113,16 +114,18 @@ def _make_update(orig: Any) -> Any:
     def update_from_output(self: Any, scheduler_output: Any, model_runner_output: Any) -> Any:
         from ..metrics.transport import attach, merge_payloads
 
-        p = getattr(model_runner_output, "nanospec_stats", None)
-        pending = self.__dict__.setdefault("_nanospec_pending", [])
+        p = getattr(model_runner_output, STATS_FIELD, None)  # NanoSpec's own field: absent on plain engines
+        pending = self.__dict__.get("_nanospec_pending")
         if p:
+            if pending is None:
+                pending = self.__dict__["_nanospec_pending"] = []
             pending.append(p)
             if len(pending) > MAX_PENDING:
                 pending[:] = [merge_payloads(pending)]
         out = orig(self, scheduler_output, model_runner_output)
         if pending:
             for eco in out.values():
-                st = getattr(eco, "scheduler_stats", None)
+                st = eco.scheduler_stats  # EngineCoreOutputs field (tests/unit/test_vllm_reads.py)
                 if st is not None:
                     attach(st, merge_payloads(pending))
                     pending.clear()
@@ -157,7 +160,7 @@ def _make_record(orig: Any) -> Any:
         global _checked
         from ..metrics.transport import take
 
-        if not _checked:
+        if not _checked and engine_configured():
             _checked = True
             if not transport_works():
                 logger.error("NanoSpec: SchedulerStats.%s does not survive vLLM's output decoding in this process "
@@ -191,15 +194,22 @@ PATCHES = [
     _FieldPatch("vllm.v1.metrics.stats:SchedulerStats.nanospec_stats",
                 why="a `nanospec_stats` field of NanoSpec's own, so worker statistics cross vLLM's msgpack "
                     "transport in a field no vLLM reader (connector, logger, Prometheus) looks at",
-                removal="plugin scheduler stats", make=_make_field),
+                removal="plugin scheduler stats", make=_make_field,
+                plain="every process: the field must exist before vLLM builds its msgpack decoder, and the engine core "
+                      "loads plugins before it knows its config; a plain engine's SchedulerStats carry one more "
+                      "field (None), which no vLLM code reads"),
     Patch("vllm.v1.core.sched.scheduler:Scheduler.update_from_output",
           why="carry worker statistics in SchedulerStats.nanospec_stats", removal="plugin scheduler stats",
-          make=_make_update, expect_params=("self", "scheduler_output", "model_runner_output")),
+          make=_make_update, expect_params=("self", "scheduler_output", "model_runner_output"),
+          plain="unchanged: without a worker payload the wrapper calls vLLM's method and returns its result"),
     Patch("vllm.v1.metrics.loggers:StatLoggerManager.record",
           why="export NanoSpec statistics on /metrics", removal="plugin scheduler stats",
           make=_make_record, expect_params=("self", "scheduler_stats", "iteration_stats", "mm_cache_stats",
-                                             "engine_idx")),
+                                             "engine_idx"),
+          plain="unchanged: without a payload the wrapper calls vLLM's method with the same arguments; the "
+                "transport self-check runs only where a NanoSpec engine was configured"),
     Patch("vllm.v1.metrics.loggers:StatLoggerManager.log",
           why="NanoSpec line next to vLLM's SpecDecoding line", removal="plugin scheduler stats",
-          make=_make_log, expect_params=("self",)),
+          make=_make_log, expect_params=("self",),
+          plain="unchanged: the NanoSpec line is printed only after a NanoSpec payload arrived"),
 ]
