@@ -1,7 +1,9 @@
 """One vLLM offline-engine job in a fresh process: greedy generation plus speculative-decoding counters.
 
 ``run_job(job)`` starts ``python -m nanospec_vllm.tools.eagle.engine`` with the job as JSON on stdin and returns
-its JSON result: per prompt the chat-templated prompt ids and the generated ids, vLLM's spec-decode counters
+its JSON result: per prompt the chat-templated prompt ids and the generated ids (greedy unless the job sets
+``temperature``/``top_p``/``seed``; ``raw``: prompts are already-rendered text and the texts and finish reasons
+come back too), vLLM's spec-decode counters
 (``vllm:spec_decode_num_drafts``, ``..._num_draft_tokens``, ``..._num_accepted_tokens`` and the per-position
 vector ``..._num_accepted_tokens_per_pos``) and the wall time of ``generate``. Used to make the training data
 (the target's own greedy continuations), to measure a head's acceptance and for the side-by-side.
@@ -90,8 +92,15 @@ def _main() -> None:
     llm = LLM(**engine_kwargs(job["model"], job.get("spec"), max_model_len=job.get("max_model_len", 2048),
                               max_num_seqs=job.get("max_num_seqs", 64)))
     tok = llm.get_tokenizer()
-    prompts = [{"prompt_token_ids": chat_ids(tok, p)[: job.get("max_prompt_tokens", 1024)]} for p in job["prompts"]]
-    params = SamplingParams(max_tokens=job.get("max_tokens", 64), temperature=0.0, ignore_eos=False)
+    if job.get("raw"):  # already-rendered text (e.g. a chat template's opening), no template applied
+        prompts = [{"prompt_token_ids": tok.encode(p, add_special_tokens=False)} for p in job["prompts"]]
+    else:
+        prompts = [{"prompt_token_ids": chat_ids(tok, p)[: job.get("max_prompt_tokens", 1024)]}
+                   for p in job["prompts"]]
+    seed = job.get("seed")  # per request seed + index: identical prompts must not sample identically
+    params = [SamplingParams(max_tokens=job.get("max_tokens", 64), temperature=job.get("temperature", 0.0),
+                             top_p=job.get("top_p", 1.0), seed=None if seed is None else seed + i, ignore_eos=False)
+              for i in range(len(prompts))]
     if job.get("warmup"):
         llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
     before = spec_metrics(llm)
@@ -106,6 +115,9 @@ def _main() -> None:
                                                                                        isinstance(v, list) else v)
     res = {"prompt_ids": [p["prompt_token_ids"] for p in prompts],
            "tokens": [list(o.outputs[0].token_ids) for o in outs], "metrics": metrics, "wall_s": wall}
+    if job.get("raw"):
+        res["texts"] = [o.outputs[0].text for o in outs]
+        res["finish_reasons"] = [o.outputs[0].finish_reason for o in outs]
     print("NANOSPEC_EAGLE_RESULT " + json.dumps(res), flush=True)
 
 

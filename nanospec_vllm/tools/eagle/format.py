@@ -89,18 +89,21 @@ def check_tensors(cfg: dict, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def write_head(dest: str | os.PathLike[str], cfg: dict, tensors: dict[str, torch.Tensor],
-               extra_files: dict[str, str] | None = None) -> Path:
+               extra_files: dict[str, str] | None = None, check=None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (+ ``extra_files``, name -> text) atomically to ``dest``.
 
-    An existing ``dest`` is replaced. Returns ``dest``.
+    Floating-point tensors are stored in bf16, others (an EAGLE-3 head's ``d2t``/``t2d``) as they are. ``check``
+    (default :func:`check_tensors`, the EAGLE-1 format) raises on a wrong tensor set. An existing ``dest`` is
+    replaced. Returns ``dest``.
     """
-    check_tensors(cfg, tensors)
+    (check or check_tensors)(cfg, tensors)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in tensors.items()},
+    save_file({k: (v.detach().to(torch.bfloat16) if v.is_floating_point() else v.detach()).contiguous().cpu()
+               for k, v in tensors.items()},
               str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
     for name, text in (extra_files or {}).items():

@@ -44,7 +44,9 @@ from ..assets import cache_root, model_path
 from .data import extract_features, generate, load_features, split_prompts
 from .engine import run_job, summarize
 from .format import head_config, write_head
+from .format3 import check_tensors3, draft_vocab, eagle3_config
 from .model import EagleHead, candidate_ids, eagle_loss
+from .model3 import Eagle3Head, eagle3_loss
 
 CARD_FORMAT = 1
 
@@ -77,12 +79,28 @@ def _shared_weights(target: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return emb, emb if head is None else head
 
 
+def _final_norm(target: Path) -> torch.Tensor | None:
+    """The target's final RMSNorm weight (an EAGLE-3 head's ``norm`` starts from it)."""
+    from safetensors import safe_open
+
+    for f in sorted(target.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            if "model.norm.weight" in set(st.keys()):
+                return st.get_tensor("model.norm.weight").float()
+    return None
+
+
 def _settings(a: argparse.Namespace) -> dict:
+    if a.arch == "eagle3":
+        return {"arch": "eagle3", "draft_vocab": a.draft_vocab, "aux_layers": a.aux_layers, "data": a.data,
+                **_settings(argparse.Namespace(**dict(vars(a), arch="eagle")))}
     return {"prompts": a.prompts, "heldout": a.heldout, "max_new_tokens": a.max_new_tokens, "seed": a.seed,
             "budget_min": None if a.steps else a.budget_min, "steps": a.steps, "tokens_per_step": a.tokens_per_step,
             "lr": a.lr,
             "neg": a.neg, "ce_weight": a.ce_weight, "noise": a.noise, "max_epochs": a.max_epochs,
-            "threads": a.threads, **({"unroll": a.unroll} if a.unroll > 1 else {})}
+            "threads": a.threads, **({"unroll": a.unroll} if a.unroll > 1 else {}),
+            **({"data": a.data} if a.data != "calibration" else {}),
+            **({"selfprompts": a.selfprompts} if "selfprompt" in a.data.split(",") else {})}
 
 
 class _Sampler:
@@ -116,7 +134,55 @@ def _sample_tensors(feats: dict, i: int, emb: torch.Tensor, max_len: int):
     return emb[ids[1:]], f[:-1], f[1:], torch.arange(e - s - 1), ids
 
 
+class _Vocab3:
+    """What an EAGLE-3 step needs besides the head: the target's lm_head rows of the draft vocabulary
+    (``target_w``, frozen), the head's own lm_head (None: shared, = ``target_w``) and target id -> draft row
+    (-1: not in the draft vocabulary; None: the full vocabulary)."""
+
+    def __init__(self, lm_head: torch.Tensor, vocab: dict | None):
+        self.full = vocab is None
+        self.target_w = lm_head if vocab is None else lm_head[vocab["ids"]].contiguous()
+        self.rows = self.target_w.shape[0]
+        self.row_of = None
+        if vocab is not None:
+            self.row_of = torch.full((lm_head.shape[0],), -1, dtype=torch.int64)
+            self.row_of[vocab["ids"]] = torch.arange(len(vocab["ids"]))
+
+
+def _micro3(head: Eagle3Head, feats, i, emb, ctx: _Vocab3, a, g, full: bool = False) -> dict[str, torch.Tensor]:
+    """EAGLE-3 loss on one sample: position j has input (embed(t[j+1]), aux[j]) and target the target's
+    distribution at j+1 (final feature f[j+1]); draft step s (training-time test) predicts j+1+s."""
+    s, e = int(feats["offsets"][i]), int(feats["offsets"][i + 1])
+    e = min(e, s + a.max_len + 1)
+    ids = feats["ids"][s:e]
+    aux, fout, em = feats["aux"][s:e - 1].float(), feats["features"][s + 1:e], emb[ids[1:]].float()
+    pos = torch.arange(e - s - 1)
+    labels = torch.cat([ids[2:], ids.new_full((1,), -1)])  # the next token at each position (-1: beyond the end)
+    if ctx.full:
+        mask = labels >= 0
+        rows = labels[mask]
+    else:
+        rows = torch.where(labels >= 0, ctx.row_of[labels.clamp(min=0)], -1)
+        mask = rows >= 0
+        rows = rows[mask]
+    unroll = max(1, a.unroll)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+        preds = head.forward_unrolled(em, aux, pos, unroll)
+    cand = None if full else candidate_ids(rows, ctx.rows, a.neg, g)
+    head_w = ctx.target_w if getattr(head, "lm_head", None) is None else head.lm_head.weight
+    out = eagle3_loss(preds[0].float(), fout, head_w, ctx.target_w, cand, mask)
+    if len(preds) > 1:  # extra draft steps, weighted 0.5^s as in EAGLE-1's --unroll
+        out = dict(out)
+        for k, pred in enumerate(preds[1:], start=1):
+            r = eagle3_loss(pred.float(), fout[k:], head_w, ctx.target_w, cand, mask[k:])
+            out["loss"] = out["loss"] + 0.5 ** k * r["loss"]
+            out[f"acc{k + 1}"] = r["acc"]
+    return out
+
+
 def _micro(head, feats, i, emb, lm_head, a, g, full: bool = False) -> dict[str, torch.Tensor]:
+    if isinstance(head, Eagle3Head):
+        return _micro3(head, feats, i, emb, lm_head, a, g, full)
     e, fin, fout, pos, ids = _sample_tensors(feats, i, emb, a.max_len)
     fin = fin.float()
     if a.noise > 0:
@@ -167,17 +233,43 @@ def measure_equivalence(head, feats, idx, emb, lm_head, a, seed: int) -> dict:
     return out
 
 
-def train(a: argparse.Namespace, cfg: dict, feats: dict, emb: torch.Tensor, lm_head: torch.Tensor,
-          progress: bool = True) -> tuple[dict, dict]:
-    torch.manual_seed(a.seed)
-    torch.set_num_threads(a.threads)
-    head = EagleHead(cfg)
-    with torch.no_grad():  # start near "next feature = this feature" (fc passes the feature through)
+def _new_head3(cfg: dict, vocab: dict | None, lm_head: torch.Tensor,
+               final_norm: torch.Tensor | None) -> Eagle3Head:
+    """An EAGLE-3 head that starts as the target's "logit lens" at its highest aux layer: fc passes that layer's
+    residual stream through, ``norm`` is the target's final norm and a reduced lm_head is the target's rows."""
+    head = Eagle3Head(cfg, own_lm_head=vocab is not None)
+    with torch.no_grad():
         for p in head.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.02)
         h = cfg["hidden_size"]
-        head.fc.weight[:, h:] += torch.eye(h)
+        head.fc.weight[:, -h:] += torch.eye(h)
+        if final_norm is not None:
+            head.norm.weight.copy_(final_norm)
+        if vocab is not None:
+            head.lm_head.weight.copy_(lm_head[vocab["ids"]].float())
+    return head
+
+
+def train(a: argparse.Namespace, cfg: dict, feats: dict, emb: torch.Tensor, lm_head: torch.Tensor,
+          progress: bool = True, vocab: dict | None = None,
+          final_norm: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """Train a head; EAGLE-3 when ``cfg`` is an EAGLE-3 config (``vocab``: :func:`.format3.draft_vocab`'s
+    reduced vocabulary, None for the full one through the target's lm_head; ``final_norm``: the target's)."""
+    torch.manual_seed(a.seed)
+    torch.set_num_threads(a.threads)
+    eagle3 = "draft_vocab_size" in cfg
+    if eagle3:
+        head = _new_head3(cfg, vocab, lm_head, final_norm)
+        lm_head = _Vocab3(lm_head, vocab)  # what _micro3 needs, passed where EAGLE-1 passes the lm_head
+    else:
+        head = EagleHead(cfg)
+        with torch.no_grad():  # start near "next feature = this feature" (fc passes the feature through)
+            for p in head.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, 0.02)
+            h = cfg["hidden_size"]
+            head.fc.weight[:, h:] += torch.eye(h)
     lengths = [min(int(feats["offsets"][i + 1] - feats["offsets"][i]), a.max_len + 1) - 1
                for i in range(len(feats["offsets"]) - 1)]
     n_tokens = sum(lengths)
@@ -219,7 +311,8 @@ def train(a: argparse.Namespace, cfg: dict, feats: dict, emb: torch.Tensor, lm_h
             grp["lr"] = lr
         idx = sampler.step()
         ntok = sum(lengths[i] for i in idx)
-        agg = dict.fromkeys(["loss", "l1", "ce", "acc", *(f"acc{s}" for s in range(2, a.unroll + 1))], 0.0)
+        agg = dict.fromkeys(["loss", *([] if eagle3 else ["l1"]), "ce", "acc",
+                             *(f"acc{s}" for s in range(2, a.unroll + 1))], 0.0)
         for i in idx:
             r = _micro(head, feats, i, emb, lm_head, a, g)
             (r["loss"] * (lengths[i] / ntok)).backward()
@@ -233,8 +326,8 @@ def train(a: argparse.Namespace, cfg: dict, feats: dict, emb: torch.Tensor, lm_h
                       "lr": lr, "grad_norm": gn, **{k: round(v, 5) for k, v in agg.items()}})
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{agg['loss']:.3f}", l1=f"{agg['l1']:.3f}", ce=f"{agg['ce']:.2f}",
-                            acc=f"{agg['acc']:.2f}")
+            bar.set_postfix(loss=f"{agg['loss']:.3f}", ce=f"{agg['ce']:.2f}", acc=f"{agg['acc']:.2f}",
+                            **({} if eagle3 else {"l1": f"{agg['l1']:.3f}"}))
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - t_start
@@ -248,21 +341,37 @@ def train(a: argparse.Namespace, cfg: dict, feats: dict, emb: torch.Tensor, lm_h
 
 def _card_md(card: dict) -> str:
     t, d, acc = card["training"], card["data"], card["acceptance_heldout"]
-    lines = [f"# EAGLE-1 head for {card['target']}", "",
+    e3 = card["kind"] == "eagle3"
+    dv = t.get("draft_vocab")
+    lines = [f"# {'EAGLE-3' if e3 else 'EAGLE-1'} head for {card['target']}", "",
              f"- data: {d['source']}",
+             *([(f"- draft vocabulary: {dv['size']} ids (d2t), {dv['data_tokens_covered']:.3f} of the training "
+                f"tokens ({dv['distinct_ids_in_data']} distinct ids in the data)")] if dv else
+               [(f"- draft vocabulary: the full {card['config']['draft_vocab_size']} ids through the target's "
+                "lm_head (no d2t)")] if e3 else []),
+             *([f"- aux layers: {card['config']['eagle_config']['eagle_aux_hidden_state_layer_ids']}"] if e3 else []),
              (f"- prompts: {d['train_prompts']} train (seed {card['settings']['seed']}), "
               f"{d['heldout_prompts']} held out; {d['data_tokens']} tokens (prompt + continuation), "
               f"{d['generated_tokens']} generated"),
              (f"- training: {t['steps']} steps, {t['token_passes']} token passes ({t['epochs']:.2f} epochs), "
               f"{t['train_wall_s'] / 60:.1f} min, {t['tokens_per_s']:.0f} tokens/s"),
-             (f"- held-out acceptance (vLLM, eagle, k=3, greedy): tau {acc['tau']}, per position "
-              f"{[round(x, 3) for x in acc['accept_per_pos']]}"), "", "| step | loss | smooth-L1 | CE | top-1 |",
-             "|---|---|---|---|---|"]
+             (f"- held-out acceptance (vLLM, {'eagle3' if e3 else 'eagle'}, k=3, greedy): tau {acc['tau']}, per "
+              f"position {[round(x, 3) for x in acc['accept_per_pos']]}"), ""]
     curve = t["curve"]
+    steps = [k for k in (curve[-1] if curve else {}) if k.startswith("acc") and k != "acc"]
+    if e3:
+        lines += ["| step | loss | CE (step 1) | top-1 (step 1) | " + " | ".join(f"top-1 (step {k[3:]})" for k in steps)
+                  + " |", "|---|---|---|---|" + "---|" * len(steps)]
+    else:
+        lines += ["| step | loss | smooth-L1 | CE | top-1 |", "|---|---|---|---|---|"]
     pick = sorted({0, len(curve) - 1, *range(0, len(curve), max(1, len(curve) // 10))})
     for i in pick:
         c = curve[i]
-        lines.append(f"| {c['step']} | {c['loss']:.4f} | {c['l1']:.4f} | {c['ce']:.3f} | {c['acc']:.3f} |")
+        if e3:
+            lines.append(f"| {c['step']} | {c['loss']:.4f} | {c['ce']:.3f} | {c['acc']:.3f} | "
+                         + " | ".join(f"{c.get(k, float('nan')):.3f}" for k in steps) + " |")
+        else:
+            lines.append(f"| {c['step']} | {c['loss']:.4f} | {c['l1']:.4f} | {c['ce']:.3f} | {c['acc']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -280,11 +389,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--neg", type=int, default=2048, help="uniform negative lm_head rows per sample")
     p.add_argument("--ce-weight", type=float, default=0.1)
-    p.add_argument("--noise", type=float, default=0.1, help="half-width of the uniform feature noise")
+    p.add_argument("--noise", type=float, default=0.1,
+                   help="half-width of the uniform feature noise (eagle only; eagle3 trains on its own fed-back "
+                        "states instead)")
     p.add_argument("--max-epochs", type=float, default=8.0, help="cap on passes over the data (small data overfits)")
-    p.add_argument("--unroll", type=int, default=2,
-                   help="draft steps trained per position: 1 = EAGLE-1 (teacher-forced features only); 2-3 also "
-                        "train on the head's own fed-back features, as vLLM drafts (loss weight 0.5^s)")
+    p.add_argument("--unroll", type=int, default=None,
+                   help="draft steps trained per position (default 2 for eagle, 3 for eagle3): 1 = teacher-forced "
+                        "features only; more also trains on the head's own fed-back states, as vLLM drafts "
+                        "(EAGLE-3's training-time test; loss weight 0.5^s)")
+    p.add_argument("--arch", choices=("eagle", "eagle3"), default="eagle",
+                   help="eagle: EAGLE-1 (vLLM method eagle); eagle3: EAGLE-3 over three target layers (eagle3)")
+    p.add_argument("--draft-vocab", type=int, default=32000,
+                   help="eagle3: draft vocabulary size, the ids the training data uses most (d2t); 0 = the full "
+                        "vocabulary through the target's lm_head (no d2t)")
+    p.add_argument("--aux-layers", default=None,
+                   help="eagle3: three target layer ids, comma-separated (default vLLM's: 2, n/2, n-3)")
+    p.add_argument("--data", default="calibration",
+                   help="training prompt sources, comma-separated: calibration (standard-library text and arithmetic),"
+                        " selfprompt (requests the target writes itself, tools/eagle/selfprompt.py)")
+    p.add_argument("--selfprompts", type=int, default=None,
+                   help="with --data ...selfprompt: how many self-written prompts (default: --prompts)")
     p.add_argument("--max-len", type=int, default=1024, help="tokens per sample used in training")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 2))
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 head forward (default: bf16 autocast)")
@@ -300,12 +424,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_eagle(argv: list[str]) -> Path:
     a = build_parser().parse_args(argv)
+    if a.unroll is None:
+        a.unroll = 3 if a.arch == "eagle3" else 2
     if a.quick:
         a.prompts, a.heldout, a.max_new_tokens, a.steps, a.tokens_per_step, a.neg = 6, 4, 24, 4, 256, 256
+    sources = a.data.split(",")
+    if not sources or set(sources) - {"calibration", "selfprompt"}:
+        raise SystemExit(f"nanospec train-eagle: --data {a.data!r}: sources are calibration, selfprompt")
+    if "selfprompt" in sources and a.selfprompts is None:
+        a.selfprompts = a.prompts
     name, target = resolve_target(a.target)
+    tcfg = json.loads((target / "config.json").read_text())
+    if a.arch == "eagle3":
+        a.aux_layers = ([int(x) for x in a.aux_layers.split(",")] if a.aux_layers else
+                        eagle3_config(tcfg)["eagle_config"]["eagle_aux_hidden_state_layer_ids"])
+        a.draft_vocab = 0 if a.draft_vocab in (0, tcfg["vocab_size"]) else a.draft_vocab
     if a.random_weights:
         return write_random_head(name, target, a)
-    head_name = f"eagle1-{name}" + ("-quick" if a.quick else "")
+    head_name = (f"eagle1-{name}" if a.arch == "eagle" else
+                 f"eagle3-{name}" + ("-full" if a.draft_vocab == 0 else "")) + ("-quick" if a.quick else "")
     out = Path(a.out).expanduser() if a.out else cache_root() / "heads" / head_name
     settings = _settings(a)
     card_path = out / "card.json"
@@ -317,50 +454,108 @@ def train_eagle(argv: list[str]) -> Path:
                          "to retrain it or --out for another folder")
     progress = not a.quiet
     t0 = time.perf_counter()
-    tag = f"{head_name}-p{a.prompts}-n{a.max_new_tokens}-s{a.seed}"
+    tag = (f"{head_name}-p{a.prompts}-n{a.max_new_tokens}-s{a.seed}"
+           + ("" if a.data == "calibration" else f"-{a.data.replace(',', '+')}{a.selfprompts}"))
     work = cache_root() / "heads" / ".work" / tag
     train_prompts, held = split_prompts(a.prompts, a.heldout, a.seed)
+    if "calibration" not in sources:
+        train_prompts = []
+    self_stats = None
+    if "selfprompt" in sources:
+        from .selfprompt import self_prompts
+
+        sp = self_prompts(target, a.selfprompts, a.seed, work / "selfprompts.json", progress=progress)
+        train_prompts = train_prompts + sp["prompts"]
+        self_stats = {k: v for k, v in sp.items() if k != "prompts"}
     t_gen = time.perf_counter()
     data = generate(target, train_prompts, a.max_new_tokens, work, progress=progress)
     gen_s = time.perf_counter() - t_gen
-    fstats = extract_features(target, data, work, threads=a.threads, progress=progress)
-    tcfg = json.loads((target / "config.json").read_text())
-    cfg = head_config(tcfg)
+    eagle3 = a.arch == "eagle3"
+    fstats = extract_features(target, data, work, threads=a.threads, progress=progress,
+                              aux_layers=a.aux_layers if eagle3 else None)
     emb, lm_head = _shared_weights(target)
     feats = load_features(work)
-    tensors, tstats = train(a, cfg, feats, emb, lm_head, progress=progress)
+    vocab = None
+    if eagle3:
+        n_vocab = int(tcfg["vocab_size"])
+        counts = torch.bincount(feats["ids"], minlength=n_vocab)[:n_vocab]
+        if a.draft_vocab:
+            vocab = draft_vocab(counts, a.draft_vocab, _special_ids(target, tcfg))
+        cfg = eagle3_config(tcfg, a.draft_vocab or None, a.aux_layers)
+        tensors, tstats = train(a, cfg, feats, emb, lm_head, progress=progress, vocab=vocab,
+                                final_norm=_final_norm(target))
+        if vocab is not None:
+            tensors.update(d2t=vocab["d2t"], t2d=vocab["t2d"])
+            cont = torch.cat([torch.tensor(t, dtype=torch.int64) for t in data["tokens"] if t] or [torch.zeros(0)])
+            tstats["draft_vocab"] = {"size": a.draft_vocab, "data_tokens_covered": float(counts[vocab["ids"]].sum()
+                                                                                          / counts.sum()),
+                                     "generated_tokens_covered": float(vocab["t2d"][cont.long()].float().mean())
+                                     if len(cont) else None,
+                                     "distinct_ids_in_data": int((counts > 0).sum())}
+        check, method = check_tensors3, "eagle3"
+    else:
+        cfg = head_config(tcfg)
+        tensors, tstats = train(a, cfg, feats, emb, lm_head, progress=progress)
+        check, method = None, "eagle"
     del feats, emb, lm_head
     # acceptance on held-out calibration prompts: write a provisional head, measure, then publish with the card
-    tmp_head = write_head(work / "head", cfg, tensors)
+    tmp_head = write_head(work / "head", cfg, tensors, check=check)
     mnt = 32 if a.quick else 64
     held = held[:16]
     res = run_job({"model": str(target), "prompts": held, "max_tokens": mnt,
-                   "spec": {"method": "eagle", "model": str(tmp_head), "num_speculative_tokens": 3}})
+                   "spec": {"method": method, "model": str(tmp_head), "num_speculative_tokens": 3}})
     acc = dict(summarize(res["metrics"]), prompts=len(held), max_tokens=mnt,
                generated_tokens=sum(map(len, res["tokens"])))
-    card = {"format": CARD_FORMAT, "kind": "eagle1", "target": name, "target_folder": str(target),
+    source = " + ".join(
+        ([("nanospec_vllm.tools.calibration.calibration_prompts("
+          f"{a.prompts + a.heldout}, seed={a.seed}) (standard-library docstrings/code + templated arithmetic; "
+          "no benchmark text); the first prompts train, the rest are held out")] if "calibration" in sources else [])
+        + ([(f"{a.selfprompts} requests the target wrote itself (nanospec_vllm.tools.eagle.selfprompt, seed "
+            f"{a.seed})")] if "selfprompt" in sources else []))
+    card = {"format": CARD_FORMAT, "kind": "eagle1" if method == "eagle" else "eagle3", "target": name,
+            "target_folder": str(target),
             "settings": settings, "config": {k: cfg[k] for k in ("hidden_size", "intermediate_size",
                                                                  "num_attention_heads", "num_key_value_heads")},
             "parameters": sum(int(t.numel()) for t in tensors.values()),
-            "data": {"source": "target's greedy continuations (vLLM, chat template) of "
-                               f"nanospec_vllm.tools.calibration.calibration_prompts({a.prompts + a.heldout}, "
-                               f"seed={a.seed}) (standard-library docstrings/code + templated arithmetic; "
-                               "no benchmark text); the first prompts train, the rest are held out",
+            "data": {"source": "target's greedy continuations (vLLM, chat template) of " + source
+                               + "; held out: calibration prompts whose source the training part lacks",
+                     **({"selfprompt": self_stats} if self_stats else {}),
                      "train_prompts": len(train_prompts), "heldout_prompts": len(held),
                      "generated_tokens": sum(map(len, data["tokens"])), "data_tokens": fstats["tokens"],
                      "generation_wall_s": data["wall_s"], "generation_total_s": gen_s,
                      "features_wall_s": fstats["wall_s"], "features_tokens_per_s": fstats["tokens_per_s"]},
             "training": tstats, "acceptance_heldout": acc, "total_wall_s": time.perf_counter() - t0,
             "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {a.threads} threads (shared)"}
+    if eagle3:
+        card["config"].update({k: cfg[k] for k in ("draft_vocab_size", "eagle_config")})
     card["total_wall_s"] = time.perf_counter() - t0
-    write_head(out, cfg, tensors, {"card.json": json.dumps(card, indent=1) + "\n", "card.md": _card_md(card)})
+    write_head(out, cfg, tensors, {"card.json": json.dumps(card, indent=1) + "\n", "card.md": _card_md(card)},
+               check=check)
     return out
+
+
+def _special_ids(target: Path, tcfg: dict) -> list[int]:
+    """Ids an EAGLE-3 draft vocabulary always holds: BOS/EOS/pad from the config and generation config."""
+    ids: set[int] = set()
+    cfgs = [tcfg]
+    gen = target / "generation_config.json"
+    if gen.is_file():
+        cfgs.append(json.loads(gen.read_text()))
+    for c in cfgs:
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = c.get(k)
+            for x in (v if isinstance(v, list) else [v]):
+                if isinstance(x, int) and 0 <= x < int(tcfg["vocab_size"]):
+                    ids.add(x)
+    return sorted(ids)
 
 
 def write_random_head(name: str, target: Path, a: argparse.Namespace) -> Path:
     """``--random-weights``: the head format for ``target`` with seeded random weights and a card that says so."""
     from .format import random_tensors
 
+    if a.arch == "eagle3":
+        return _write_random_head3(name, target, a)
     cfg = head_config(json.loads((target / "config.json").read_text()))
     out = Path(a.out).expanduser() if a.out else cache_root() / "heads" / f"eagle1-{name}-random"
     tensors = random_tensors(cfg, seed=a.seed)
@@ -370,6 +565,31 @@ def write_random_head(name: str, target: Path, a: argparse.Namespace) -> Path:
     md = (f"# EAGLE-1 head for {name}: RANDOM WEIGHTS (seed {a.seed})\n\nNot trained: use it to measure draft "
           "cost (`nanospec bench e2e --method eagle --draft <this folder>`), never acceptance.\n")
     return write_head(out, cfg, tensors, {"card.json": json.dumps(card, indent=1) + "\n", "card.md": md})
+
+
+def _write_random_head3(name: str, target: Path, a: argparse.Namespace) -> Path:
+    """EAGLE-3 ``--random-weights``: a reduced vocabulary is the lowest ``--draft-vocab`` ids (no data to count)
+    plus the special ids; with ``--draft-vocab 0`` the head shares the target's lm_head."""
+    from .format3 import random_tensors3
+
+    tcfg = json.loads((target / "config.json").read_text())
+    cfg = eagle3_config(tcfg, a.draft_vocab or None, a.aux_layers)
+    tensors = random_tensors3(cfg, seed=a.seed)
+    if a.draft_vocab:
+        counts = torch.zeros(int(tcfg["vocab_size"]))
+        dv = draft_vocab(counts, a.draft_vocab, _special_ids(target, tcfg))
+        tensors.update(d2t=dv["d2t"], t2d=dv["t2d"])
+    kind = "eagle3-random" + ("" if a.draft_vocab else "-full")
+    out = Path(a.out).expanduser() if a.out else cache_root() / "heads" / f"{kind.replace('-random', '')}-{name}-random"
+    card = {"format": CARD_FORMAT, "kind": kind, "target": name, "target_folder": str(target), "seed": a.seed,
+            "draft_vocab_size": cfg["draft_vocab_size"], "parameters": sum(int(t.numel()) for k, t in tensors.items()
+                                                                           if t.is_floating_point()),
+            "note": "random weights: acceptance is meaningless; the draft cost per step is that of a trained head"}
+    md = (f"# EAGLE-3 head for {name}: RANDOM WEIGHTS (seed {a.seed}, draft vocabulary {cfg['draft_vocab_size']})"
+          "\n\nNot trained: use it to measure draft cost (`nanospec bench e2e --method eagle3 --draft <this folder>`), "
+          "never acceptance.\n")
+    return write_head(out, cfg, tensors, {"card.json": json.dumps(card, indent=1) + "\n", "card.md": md},
+                      check=check_tensors3)
 
 
 def main(argv: list[str]) -> int:
