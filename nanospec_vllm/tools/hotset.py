@@ -7,10 +7,9 @@ calibration prompts, tokenized only, then the lower id: BPE merge order, itself 
 ``#`` header that says how it was made. ``hot_set_path`` / ``hot_set_size`` in the ``nanospec:`` block pin its
 first N ids in every request's set (see :func:`nanospec_vllm.config.load_hot_set`).
 
-The continuations come from the coverage replay's cache (:mod:`nanospec_vllm.tools.bench.coverage`, vLLM
+The continuations come from the coverage replay's cache (:mod:`nanospec_vllm.tools.bench.coverage_cache`, vLLM
 greedy, chat template applied), so a later coverage run on the same prompts is free. Cost: one vLLM generation
-pass over the prompts (~2-4 prompts/s for 128 tokens at 1.5B on a 2-core CPU) plus the drafter pass the cache
-also stores. Reads the model folder and the standard library; writes the output file.
+pass over the prompts plus the drafter pass the cache also stores. Reads the model folder and the standard library; writes the output file.
 """
 
 from __future__ import annotations
@@ -58,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="configs/hot/qwen2.5-hot.txt")
     args = ap.parse_args(argv)
 
-    from .bench.coverage import _limit, _resolve, build_cache
+    from .bench.coverage_cache import build_cache, limit_per_group, resolve_model
     from .calibration import FAMILIES, calibration_prompts
 
-    target, draft = _resolve(args.model), _resolve(args.draft)
-    rows = _limit([(c.family, c.prompt) for c in calibration_prompts(args.per_family * len(FAMILIES), args.seed)],
+    target, draft = resolve_model(args.model), resolve_model(args.draft)
+    rows = limit_per_group([(c.family, c.prompt) for c in calibration_prompts(args.per_family * len(FAMILIES), args.seed)],
                   args.per_family)
     items = build_cache(target, draft, rows, args.max_tokens, log=lambda m: print(m, file=sys.stderr, flush=True))
     cont = [int(t) for it in items for t in it["y"]]

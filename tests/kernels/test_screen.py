@@ -1,9 +1,9 @@
-"""The low-rank screen (nanospec_vllm.ops.screen): factor quality, exact recovery at full rank, ordering, cost."""
+"""The low-rank screen (nanospec_vllm.tools.screen): factor quality, exact recovery at full rank, ordering, cost."""
 
 import pytest
 import torch
 
-from nanospec_vllm.ops.screen import build_factor, screen_bytes, screen_candidates
+from nanospec_vllm.tools.screen import build_factor, screen_bytes, screen_candidates
 
 
 def _low_rank_head(V=2000, d=64, r=8, noise=0.01, seed=0):

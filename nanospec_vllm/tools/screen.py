@@ -10,6 +10,9 @@ Costs: building reads the head once and forms the ``d x d`` Gram matrix (``V d^2
 151,936 x 896 head, a few seconds on a CPU) plus one ``d x d`` symmetric eigendecomposition. Per draft token the
 screen reads ``A`` (``V r`` values) and ``B`` (``d r``): for the 0.5B head in bf16, r=64 is 19.6 MB, 7.2% of the
 272 MB full head, plus ``m`` exact rows (``m d`` values). Pure PyTorch; no vLLM imports.
+
+Used only by the coverage replay (``nanospec bench coverage``, policies ``screen-R-M``): no shipped path drafts
+with it, so it lives with the tools (``tests/kernels/test_screen.py``).
 """
 
 from __future__ import annotations
