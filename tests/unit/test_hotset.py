@@ -39,3 +39,30 @@ def test_shipped_hot_set():
     assert len(ids) >= 32768 and all(0 <= i < 151_936 for i in ids)
     # a frequency ranking, not id order: the first ids are not simply 0, 1, 2, ...
     assert ids[:64] != list(range(64))
+
+
+def _imports(path: Path) -> set[str]:
+    """Modules ``path`` imports (absolute names; relative imports resolved against ``nanospec_vllm.tools``)."""
+    import ast
+
+    pkg = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1] if node.level else []
+            out.add(".".join([*base, node.module] if node.module else base))
+    return out
+
+
+def test_no_import_circle_between_hotset_and_the_coverage_replay():
+    """hotset -> coverage_cache; coverage -> hotset, coverage_cache, coverage_replay; never back."""
+    tools = ROOT / "nanospec_vllm" / "tools"
+    hot = _imports(tools / "hotset.py")
+    assert "nanospec_vllm.tools.bench.coverage_cache" in hot
+    assert "nanospec_vllm.tools.bench.coverage" not in hot
+    for name in ("coverage_cache", "coverage_replay"):
+        mods = _imports(tools / "bench" / f"{name}.py")
+        assert not {"nanospec_vllm.tools.hotset", "nanospec_vllm.tools.bench.coverage"} & mods, (name, mods)
+    assert "nanospec_vllm.tools.hotset" in _imports(tools / "bench" / "coverage.py")
