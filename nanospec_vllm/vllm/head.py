@@ -11,22 +11,35 @@ target -> head-row index built from ``d2t``). Probabilistic: ``[B, V]`` logits e
 active set and ``-inf`` elsewhere go through vLLM's own sampler, so the draft probabilities the rejection sampler
 sees are exactly the pruned distribution that was sampled: verification stays exact.
 
+Path per step (:meth:`SparseDraftHead.step_path`): ``kernel: union`` always takes the union path; ``kernel: auto``
+on a device with a fitted cost model (:func:`..ops.cost.model_for`: the CPU today) chooses per step among the
+per-request kernel, the union path and the dense head from the batch size and the sizes of earlier steps (sum of
+the set sizes and union size, copied back lagged: :class:`..hostcopy.LaggedHostCopies`, never waited for);
+elsewhere the per-request kernel (and the static ``dense_fallback_ratio`` rule). The sets do not change between
+the draft positions of a step, so the union's rows are gathered once per step, at its first position, and
+reused at the others: the plan is kept with a weak reference to the step's context, so it is dropped with it.
+
 Touches: reads the drafter's ``lm_head`` weight (often shared with the target; never modified) and the runtime's
-per-step context. Cost: the sparse head over ``sum(counts)`` rows instead of the full ``[B, V]`` projection.
-No host synchronisation per draft position: a row whose set holds no draftable id is handled by a device-side
-select (``torch.where``) to a fallback id chosen once at binding (:meth:`SparseDraftHead.bind`).
+per-step context. Cost: the sparse head over ``sum(counts)`` rows instead of the full ``[B, V]`` projection; on
+the union path one gather of the union's rows per step (buffers kept between steps: ``6 x rows x H`` bytes) and
+one GEMM per position; under ``auto`` at batch >= 2 a union-size probe per step (a ``V``-byte map). No host
+synchronisation per draft position: a row whose set holds no draftable id is handled by a device-side select
+(``torch.where``) to a fallback id chosen once at binding (:meth:`SparseDraftHead.bind`).
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..ops import SparseHeadOutput, row_index_from_d2t, sparse_head
+from ..hostcopy import LaggedHostCopies
+from ..ops import SparseHeadOutput, cost, row_index_from_d2t, sparse_head
 from ..ops.tp import AllGather, VocabShard, shard_row_index, sparse_head_sharded
+from ..ops.union import UnionPlan, prepare_union, union_size
 
 if TYPE_CHECKING:
     from .runtime import NanoSpecRuntime
@@ -98,12 +111,43 @@ def _bind_shard(b: HeadBinding, lm_head: Any, org: int) -> HeadBinding:
     return b
 
 
+#: host copies of the step sizes in flight (a push waits only when the device is this many steps behind)
+SIZE_RING = 4
+
+
 class SparseDraftHead:
     def __init__(self, runtime: NanoSpecRuntime) -> None:
         self.rt = runtime
         self.binding: HeadBinding | None = None
         self.fallback_id = 0  # drafted by a row whose set holds no id the head can draft (see bind)
         self._fallback: torch.Tensor | None = None  # the same, a 0-dim int64 device tensor
+        #: steps per path (host counters; ``per_request`` includes the static dense rule's steps)
+        self.path_steps = dict.fromkeys(cost.PATHS, 0)
+        self._step: weakref.ref | None = None  # the StepContext whose path / plan below are cached
+        self._path = "per_request"
+        self._plan: UnionPlan | None = None
+        self._workspace: dict = {}  # union buffers, reused between steps
+        self._lagged = (0, 0, 0)  # (rows, sum of set sizes, union size) of the newest step read back; 0: none yet
+        self._sizes = LaggedHostCopies(SIZE_RING, 3, torch.int64, torch.device(runtime.device), self._read_sizes)
+        self._positions = 1  # draft positions per step (the proposer's num_speculative_tokens)
+
+    def host_buffers(self) -> list[torch.Tensor]:
+        """Host memory the head reads (its lagged size copies)."""
+        return [self._sizes.buf]
+
+    def _read_sizes(self, host: torch.Tensor, meta: Any) -> None:
+        b, s, u = host.tolist()
+        self._lagged = (int(b), int(s), int(u))
+
+    def lagged_sizes(self, batch: int, width: int) -> tuple[int, int]:
+        """``(sum of set sizes, union size)`` expected for ``batch`` rows, from the newest step read back: the sum
+        scaled by the number of rows, the union scaled up (never down) with it, at most the sum. Before any
+        step was read back: full sets of ``width`` ids that do not overlap."""
+        b0, s0, u0 = self._lagged
+        if not b0:
+            return batch * width, batch * width
+        s = max(1, round(s0 * batch / b0))
+        return s, min(s, max(1, round(u0 * max(1.0, batch / b0))))
 
     def bind(self, model: Any) -> HeadBinding:
         """Read the drafter's head (:func:`bind_head`) and choose the fallback id: the first pinned id the head
@@ -124,19 +168,65 @@ class SparseDraftHead:
         self.binding = b
         return b
 
+    def step_path(self) -> tuple[str, UnionPlan | None]:
+        """This step's path (``per_request``, ``union`` or ``dense``) and union plan, decided at its first draft
+        position and cached until the step's context is gone. Reads only host data (the lagged sizes)."""
+        ctx = self.rt.ctx
+        if self._step is not None and self._step() is ctx:
+            return self._path, self._plan
+        b = self.binding
+        assert b is not None and ctx is not None and ctx.active is not None
+        ids, counts = ctx.active
+        row_index = b.local_row_index if b.shard is not None else b.row_index
+        kernel = self.rt.cfg.kernel
+        model = cost.model_for(b.weight.device.type) if kernel == "auto" else None
+        B, (Vw, H) = ids.shape[0], b.weight.shape
+        self._sizes.read(wait=False)  # fold in the copies that have arrived; never waits
+        S, U = self.lagged_sizes(B, ids.shape[1])
+        bucket = cost.union_bucket(U, B, ids.shape[1], Vw)
+        if kernel == "union":
+            path = "union"
+        elif model is not None:
+            path = cost.choose(model, cost.StepSizes(B, H, Vw, S, U, positions=self._positions), bucket)
+        else:
+            path = "per_request"
+        plan = None
+        total = counts.sum().long()
+        if path == "union":
+            plan = prepare_union(b.weight, ids, counts, row_index, capacity=bucket, workspace=self._workspace)
+            size = plan.size
+        elif model is None:
+            size = None
+        elif B > 1:  # measure the union for the next steps' choice
+            size = union_size(ids, counts, Vw, row_index, self._workspace)
+        else:  # one row: the union is its set
+            size = total
+        if size is not None:
+            self._sizes.push(torch.stack([torch.full_like(total, B), total, size.long()]))
+        self.path_steps[path] += 1
+        self._step, self._path, self._plan = weakref.ref(ctx, self._forget), path, plan
+        return path, plan
+
+    def _forget(self, ref: Any) -> None:
+        """The step's context is gone: drop its plan (the buffers stay in the workspace)."""
+        if ref is self._step:
+            self._step, self._plan = None, None
+
     def _scores(self, h: torch.Tensor, logprobs: bool) -> SparseHeadOutput:
         b, ctx = self.binding, self.rt.ctx
         assert b is not None and ctx is not None and ctx.active is not None
         ids, counts = ctx.active
         if b.scale != 1.0:
             h = h * b.scale
+        path, plan = self.step_path()
+        ratio = 0.0 if path == "dense" else self.rt.cfg.dense_fallback_ratio
+        impl = self.rt.impl  # with a plan, the union path runs whatever impl says
         if b.shard is not None:  # every rank scores its shard's ids; all ranks get the same answer
             return sparse_head_sharded(h, b.weight, ids, counts, row_index=b.local_row_index,
                                        all_gather=b.all_gather, want_logprobs=logprobs, vocab_size=b.vocab_size,
-                                       impl=self.rt.impl, dense_fallback_ratio=self.rt.cfg.dense_fallback_ratio)
+                                       impl=impl, dense_fallback_ratio=ratio, union_plan=plan)
         return sparse_head(h, b.weight, ids, counts, row_index=b.row_index, want_logprobs=logprobs,
-                           vocab_size=b.vocab_size, impl=self.rt.impl,
-                           dense_fallback_ratio=self.rt.cfg.dense_fallback_ratio)
+                           vocab_size=b.vocab_size, impl=impl, dense_fallback_ratio=ratio, union_plan=plan)
 
     def sample(self, proposer: Any, hidden: torch.Tensor, sampling_metadata: Any) -> Any | None:
         """Draft tokens for this position, or ``None`` ("not mine": call vLLM's own head)."""
@@ -149,6 +239,7 @@ class SparseDraftHead:
             return None
         if self.binding is None:
             self.bind(proposer.model)
+        self._positions = max(1, int(getattr(proposer, "num_speculative_tokens", 1) or 1))
         greedy = not proposer._enable_probabilistic_draft_probs or sampling_metadata.all_greedy
         if not greedy and self.binding.soft_cap is not None:
             rt.stats.fallback += 1  # soft-capped logits: the pruned softmax needs the raw scores
