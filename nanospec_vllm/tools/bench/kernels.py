@@ -11,6 +11,10 @@ batch size and active-set size (random distinct ids per row, every row full) it 
 * ``native``       -- the C++ CPU kernel (CPU, when built);
 * ``triton``       -- the Triton kernel (CUDA), plus a small sweep of block shapes (``triton:bcX-bhY-wZ``).
 
+``--union [--sets FILE]`` runs the union / ``auto`` sweep instead (:mod:`.kernels_union`: four head shapes, batch
+1-256, random full sets and real ones, union sizes next to the sum of the sets); ``--fit FILE.json`` prints the
+cost model fitted on such a run. Shared parts: :mod:`.kernels_common`; tables: :mod:`.kernels_report`.
+
 Timing: warm-up calls, then repeats until a time budget (at least ``min_reps``), median reported. Before every
 repeat the last-level cache is flushed (a buffer twice the L3 / 256 MB on GPUs is overwritten), so the active
 rows are read from memory as in the first draft step after a verification pass; ``--warm`` skips the flush. On
@@ -26,143 +30,39 @@ it measured) as ``{"header": {...}, "rows": [...], "summary": {...}}``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 
-from ... import __version__, ops
+from ... import ops
 from ...ops import native, triton_kernels
 from ...ops.reference import raw_reference
-from .. import assets
 from . import micro_bench_main
+from .kernels_common import (
+    ACTIVES,
+    BATCHES,
+    CUDA_EXTRA_BATCHES,
+    DEFAULT_HEADS,
+    HEADS,
+    QUICK,
+    TRITON_SWEEP,
+    TRITON_SWEEP_BATCHES,
+    Row,
+    Settings,
+    Timer,
+    _header,
+    _randn_bf16_chunked,
+    _random_ids,
+    _too_big,
+)
+from .kernels_report import _main_mode, _print_table, _summary, markdown
 
-HEADS = {"qwen2.5-0.5b": (896, 151_936), "llama-3.1-8b": (4096, 128_256)}
-BATCHES = [1, 4, 16, 64]
-CUDA_EXTRA_BATCHES = [128, 256]  # GPUs: find where sparse stops paying off
-ACTIVES = [256, 1024, 3072]
-QUICK = {"heads": ["qwen2.5-0.5b"], "batches": [1, 16], "actives": [256, 3072]}
-# Block shapes tried on CUDA besides the default (BLOCK_C, BLOCK_H, num_warps), at a few shapes.
-TRITON_SWEEP = [(8, 512, 4), (32, 128, 4), (16, 512, 8), (64, 128, 4), (32, 256, 8)]
-TRITON_SWEEP_BATCHES = [1, 16, 64]
-
-
-@dataclass
-class Row:
-    impl: str
-    device: str
-    head: str
-    hidden: int
-    vocab: int
-    batch: int
-    active: int
-    median_us: float
-    reps: int
-    mode: str = "eager"
-    speedup_vs_dense: float | None = None  # dense median / this median (> 1: faster than the dense head)
-    error: str | None = None
-    #: share of rows whose token equals the reference's (fp32 scores over the active set); sparse impls must be 1.0
-    tokens_match: float | None = None
-
-
-@dataclass
-class Settings:
-    device: str
-    warmup: int
-    min_reps: int
-    max_reps: int
-    budget_s: float
-    flush: bool
-    heads: list[str] = field(default_factory=list)
-    batches: list[int] = field(default_factory=list)
-    actives: list[int] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------- timing
-class Timer:
-    def __init__(self, s: Settings) -> None:
-        self.s = s
-        self.dev = torch.device(s.device)
-        self.flush_buf = None
-        if s.flush:
-            if self.dev.type == "cuda":
-                self.flush_buf = torch.empty(256 * 2**20, dtype=torch.int8, device=self.dev)
-            else:
-                self.flush_buf = torch.empty(max(2 * _l3_bytes(), 32 * 2**20) // 4, dtype=torch.float32)
-
-    def _flush(self) -> None:
-        if self.flush_buf is not None:
-            self.flush_buf.zero_() if self.dev.type == "cuda" else self.flush_buf.fill_(1.0)
-
-    def time(self, fn: Callable[[], object]) -> tuple[float, int]:
-        """(median microseconds, repeats) of ``fn`` on this device."""
-        if self.dev.type == "cuda":
-            return self._time_cuda(fn)
-        s = self.s
-        for _ in range(s.warmup):
-            fn()
-        ts: list[float] = []
-        deadline = time.perf_counter() + s.budget_s
-        while len(ts) < s.max_reps and (len(ts) < s.min_reps or time.perf_counter() < deadline):
-            self._flush()
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts) * 1e6, len(ts)
-
-    def _time_cuda(self, fn: Callable[[], object]) -> tuple[float, int]:
-        s = self.s
-        for _ in range(s.warmup):
-            fn()
-        torch.cuda.synchronize(self.dev)
-        ts: list[float] = []
-        deadline = time.perf_counter() + s.budget_s
-        while len(ts) < s.max_reps and (len(ts) < s.min_reps or time.perf_counter() < deadline):
-            batch = min(10, s.max_reps - len(ts))
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                      for _ in range(batch)]
-            for start, end in events:
-                self._flush()  # before the start event: not timed
-                start.record()
-                fn()
-                end.record()
-            torch.cuda.synchronize(self.dev)
-            ts.extend(start.elapsed_time(end) * 1e3 for start, end in events)
-        return statistics.median(ts), len(ts)
-
-    def time_graph(self, fn: Callable[[], object]) -> tuple[float, int]:
-        """Capture one call of ``fn`` in a CUDA graph and time its replay."""
-        side = torch.cuda.Stream(self.dev)
-        side.wait_stream(torch.cuda.current_stream(self.dev))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream(self.dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        try:
-            return self._time_cuda(graph.replay)
-        finally:
-            del graph
-            torch.cuda.synchronize(self.dev)
-
-
-def _l3_bytes() -> int:
-    try:
-        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
-            txt = f.read().strip().upper()
-        mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(txt[-1], 1)
-        return int(txt.rstrip("KMG")) * mult
-    except (OSError, ValueError):
-        return 64 * 2**20
+__all__ = ["EXACT", "HEADS", "QUICK", "Row", "Settings", "main", "markdown", "parse", "run"]
 
 
 # ---------------------------------------------------------------- what is timed
@@ -205,111 +105,11 @@ def _tokens(out) -> torch.Tensor:
 EXACT = ("torch", "native", "triton")
 
 
-def _random_ids(batch: int, width: int, vocab: int, device: torch.device, gen: torch.Generator) -> torch.Tensor:
-    """``[batch, width]`` int32, distinct random ids per row."""
-    keys = torch.rand(batch, vocab, generator=gen, device=gen.device)
-    return keys.topk(width, dim=1).indices.to(device=device, dtype=torch.int32)
-
-
-# ---------------------------------------------------------------- run
-def _header(argv: list[str], s: Settings) -> dict:
-    dev = torch.device(s.device)
-    machine: dict = {
-        "platform": platform.platform(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-    if dev.type == "cuda":
-        p = torch.cuda.get_device_properties(dev)
-        machine.update(gpu=p.name, gpu_sms=p.multi_processor_count, gpu_mem_gib=round(p.total_memory / 2**30, 1),
-                       cuda=torch.version.cuda)
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["nanospec bench kernels", *argv]),  # = python -m nanospec_vllm.tools.bench.kernels ...
-        "process_argv": sys.argv,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
-                     "nanospec_vllm": __version__},
-        "native": {"available": native.is_available(), "isa": native.isa(), "build_error": native.build_error()},
-        "machine": machine,
-        "settings": asdict(s),
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _summary(rows: list[Row]) -> dict:
-    """Best sparse impl per shape, and per (head, active) the largest batch where it still beats ``dense``."""
-    best: dict[tuple, Row] = {}
-    for r in rows:
-        if r.error or r.impl in ("dense", "dense-masked") or r.mode != _main_mode(rows):
-            continue
-        key = (r.head, r.batch, r.active)
-        if key not in best or r.median_us < best[key].median_us:
-            best[key] = r
-    per_shape = [{"head": h, "batch": b, "active": a, "best_impl": r.impl, "median_us": r.median_us,
-                  "speedup_vs_dense": r.speedup_vs_dense} for (h, b, a), r in sorted(best.items())]
-    crossover = []
-    for head in sorted({k[0] for k in best}):
-        vocab = HEADS[head][1]
-        for active in sorted({k[2] for k in best if k[0] == head}):
-            pays = [b for (h, b, a), r in best.items() if h == head and a == active and (r.speedup_vs_dense or 0) > 1]
-            loses = [b for (h, b, a), r in best.items()
-                     if h == head and a == active and (r.speedup_vs_dense or 0) <= 1]
-            last = max(pays) if pays else None
-            first_loss = min(loses) if loses else None
-            crossover.append({"head": head, "active": active, "largest_batch_sparse_wins": last,
-                              "smallest_batch_dense_wins": first_loss,
-                              "batch_x_active_over_vocab_at_loss": (round(first_loss * active / vocab, 3)
-                                                                    if first_loss else None)})
-    return {"best_sparse": per_shape, "crossover": crossover}
-
-
-def _main_mode(rows: list[Row]) -> str:
-    return "graph" if any(r.mode == "graph" and not r.error for r in rows) else "eager"
-
-
-def _print_table(rows: list[Row], head: str, mode: str) -> None:
-    sel = [r for r in rows if r.head == head and r.mode == mode]
-    if not sel:
-        return
-    impls = [i for i in ("dense", "dense-masked", "torch", "native", "triton") if any(r.impl == i for r in sel)]
-    H, V = HEADS[head]
-    print(f"\n{head} head (H={H}, V={V:,}), {sel[0].device}, {mode}: median us (speedup vs dense)")
-    cols = ["batch", "active"] + impls
-    print(" | ".join(f"{c:>20}" if c not in ("batch", "active") else f"{c:>6}" for c in cols))
-    for b in sorted({r.batch for r in sel}):
-        for a in sorted({r.active for r in sel}):
-            cells = [f"{b:>6}", f"{a:>6}"]
-            for i in impls:
-                r = next((x for x in sel if x.impl == i and x.batch == b and x.active == a), None)
-                if r is None:
-                    cells.append(f"{'-':>20}")
-                elif r.error:
-                    cells.append(f"{'skipped' if r.error.startswith('skipped') else 'error':>20}")
-                else:
-                    sp = f" ({r.speedup_vs_dense:.1f}x)" if r.speedup_vs_dense and i != "dense" else ""
-                    cells.append(f"{r.median_us:>11.1f}{sp:>9}")
-            print(" | ".join(cells))
-
-
 def run(s: Settings, argv: list[str], json_path: str | None) -> list[Row]:
+    if s.union:
+        from .kernels_union import run_union
+
+        return run_union(s, argv, json_path, s.sets, s.union_width)
     dev = torch.device(s.device)
     timer = Timer(s)
     header = _header(argv, s)
@@ -414,68 +214,6 @@ def run(s: Settings, argv: list[str], json_path: str | None) -> list[Row]:
     return rows
 
 
-def _too_big(impl: str, batch: int, active: int, hidden: int, dev: torch.device) -> str | None:
-    """The PyTorch reference materialises the gathered rows in bf16 and fp32 (6 bytes per weight element):
-    skip it where that would not fit comfortably (batch 256 x 3,072 ids x 4096 needs 19 GB)."""
-    if impl != "torch":
-        return None
-    need = batch * active * hidden * 6
-    if dev.type == "cuda":
-        have = torch.cuda.mem_get_info(dev)[0]
-    else:  # MemAvailable (free + reclaimable page cache): free pages alone are ~0 once models are cached
-        have = assets._mem_available()
-        if have is None:
-            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 2**40
-    if need > 0.4 * have:
-        return f"skipped: the reference needs ~{need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB free"
-    return None
-
-
-def _randn_bf16_chunked(rows: int, cols: int, gen: torch.Generator, chunk: int = 16_384) -> torch.Tensor:
-    """Random bf16 ``[rows, cols]`` without a full fp32 temporary (the Llama head would need 2 GB)."""
-    out = torch.empty(rows, cols, dtype=torch.bfloat16)
-    for r0 in range(0, rows, chunk):
-        r1 = min(rows, r0 + chunk)
-        out[r0:r1] = torch.randn(r1 - r0, cols, generator=gen) * 0.02
-    return out
-
-
-def markdown(data: dict) -> str:
-    """Markdown tables (median us and speedup vs dense, per head and mode) from a ``--json`` file's content."""
-    rows = [Row(**r) for r in data["rows"]]
-    out = []
-    for head in [h for h in HEADS if any(r.head == h for r in rows)]:
-        for mode in ("graph", "eager"):
-            sel = [r for r in rows if r.head == head and r.mode == mode]
-            if not sel:
-                continue
-            impls = []
-            for r in sel:
-                if r.impl not in impls:
-                    impls.append(r.impl)
-            H, V = HEADS[head]
-            out.append(f"\n**{head}** head (H={H}, V={V:,}), {sel[0].device}, {mode}: median us (speedup vs dense)\n")
-            out.append("| batch | active | " + " | ".join(impls) + " |")
-            out.append("|---:|---:|" + "---:|" * len(impls))
-            for b in sorted({r.batch for r in sel}):
-                for a in sorted({r.active for r in sel}):
-                    cells = []
-                    for i in impls:
-                        r = next((x for x in sel if x.impl == i and x.batch == b and x.active == a), None)
-                        if r is None:
-                            cells.append("")
-                        elif r.error:
-                            cells.append("skipped" if r.error.startswith("skipped") else "error")
-                        elif i == "dense" or r.speedup_vs_dense is None:
-                            cells.append(f"{r.median_us:,.0f}" if r.median_us >= 100 else f"{r.median_us:.1f}")
-                        else:
-                            us = f"{r.median_us:,.0f}" if r.median_us >= 100 else f"{r.median_us:.1f}"
-                            cells.append(f"{us} ({r.speedup_vs_dense:.1f}x)")
-                    if any(cells):
-                        out.append(f"| {b} | {a} | " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
-
-
 def parse(argv: list[str]) -> tuple[Settings, str | None, str | None]:
     p = argparse.ArgumentParser(prog="nanospec bench kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -487,27 +225,54 @@ def parse(argv: list[str]) -> tuple[Settings, str | None, str | None]:
     p.add_argument("--actives", nargs="+", type=int, help="override the active-set sizes")
     p.add_argument("--markdown", metavar="JSON", help="print the tables of an earlier --json run as markdown")
     p.add_argument("--budget-s", type=float, help="time budget per measurement (default: 0.5 CPU, 0.05 CUDA)")
+    p.add_argument("--union", action="store_true", help="the union / auto sweep (batch 1-256, four head shapes)")
+    p.add_argument("--sets", metavar="FILE", help="--union: real per-request id sets (JSON or JSONL)")
+    p.add_argument("--union-width", type=int, default=3072, help="--union: ids per row of the random full sets")
+    p.add_argument("--fit", metavar="JSON", help="print the cost model fitted on an earlier --union run")
     a = p.parse_args(argv)
     cuda = a.device == "cuda"
-    if a.quick:
+    if a.union:
+        from .kernels_union import UNION_BATCHES, UNION_HEADS
+
+        heads, batches, actives = UNION_HEADS, UNION_BATCHES, [a.union_width]
+    elif a.quick:
         heads, batches, actives = QUICK["heads"], QUICK["batches"], QUICK["actives"]
     else:
-        heads, batches, actives = list(HEADS), BATCHES + (CUDA_EXTRA_BATCHES if cuda else []), ACTIVES
+        heads, batches, actives = DEFAULT_HEADS, BATCHES + (CUDA_EXTRA_BATCHES if cuda else []), ACTIVES
     s = Settings(
         device=a.device,
         warmup=3 if cuda else 1,
         min_reps=10 if cuda else 3,
-        max_reps=200 if cuda else (10 if a.quick else 40),
+        max_reps=200 if cuda else (10 if a.quick or a.union else 40),
         budget_s=a.budget_s if a.budget_s is not None else (0.05 if cuda else (0.1 if a.quick else 0.5)),
         flush=not a.warm,
         heads=a.heads or heads,
         batches=a.batches or batches,
         actives=sorted(a.actives or actives),
+        union=a.union,
+        sets=a.sets,
+        union_width=a.union_width,
     )
     return s, a.json, a.markdown
 
 
+def fit_main(path: str) -> int:
+    """``--fit FILE.json``: the cost model fitted on a ``--union`` run's rows, as Python."""
+    from ...ops import cost
+    from .kernels_union import fit_rows
+
+    with open(path) as f:
+        data = json.load(f)
+    m = cost.fit(fit_rows(data), source=f"{data['header']['command']} ({data['header']['date']})")
+    print(f"CostModel(\n    per_request={m.per_request!r},\n    dense={m.dense!r},\n"
+          f"    union_prepare={m.union_prepare!r},\n    union_score={m.union_score!r},\n    source={m.source!r},\n)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--fit" in args:
+        return fit_main(parse(args)[0] and args[args.index("--fit") + 1])
     return micro_bench_main("nanospec bench kernels", argv, parse, markdown, run)
 
 
