@@ -16,8 +16,7 @@ EMPTY_BATCH_ERROR = "numel\\(\\) == 0|reduction"
 def _orig():
     from vllm.v1.sample.ops import topk_topp_sampler as m
 
-    f = m.apply_top_k_only
-    return getattr(f, "__wrapped__", f)
+    return getattr(m, "_nanospec_orig_apply_top_k_only", m.apply_top_k_only)  # vLLM's, patched or not
 
 
 def test_vllm_fails_on_an_empty_batch():

@@ -5,6 +5,8 @@ keeps the original as ``_nanospec_orig_<attr>`` on the owner, refuses to patch a
 across repeated ``register()`` calls in one process: a second apply is a no-op, a *different* patch on the same
 attribute is an error), and checks the target's signature against the one it was written for
 (``expect_params``, the full parameter list), so a vLLM upgrade fails loudly at start-up and in the drift test, not in production.
+``plain`` says what an engine without a ``nanospec`` block gets from the patch (``tests/unit/test_patches_inert.py``).
+A wrapper sets no ``__wrapped__``: the drift test reads the wrapper's own signature.
 """
 
 from __future__ import annotations

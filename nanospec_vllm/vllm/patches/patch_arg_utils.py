@@ -83,7 +83,6 @@ def speculative_config_type(vllm_type: Any) -> Any:
         return data
 
     speculative_config._nanospec_type = True  # type: ignore[attr-defined]
-    speculative_config.__wrapped__ = vllm_type  # type: ignore[attr-defined]
     return speculative_config
 
 
