@@ -12,11 +12,16 @@
 #                                ("error"), if pydantic is importable (the runtime parses its config with it);
 #                                skipped, and said so, otherwise
 #   4. kernels-cuda.{json,txt}     nanospec bench kernels --device cuda (sparse head vs dense lm_head)
-#   5. draft-step-cuda.{json,txt}  one EAGLE draft step (layer + head) at Llama-3.1-8B / Qwen2.5-7B shapes,
+#   5. union-cuda.{json,txt}       nanospec bench kernels --device cuda --union: per-request (Triton), union,
+#                                  union-score, auto and dense at batch 1..256 on four head shapes, random full
+#                                  sets and the real sets of docs/benchmarks/union-cpu-sets.jsonl (no CUDA cost
+#                                  model is fitted yet: `auto` rows take the per-request path; `--fit` on this
+#                                  JSON prints one)
+#   6. draft-step-cuda.{json,txt}  one EAGLE draft step (layer + head) at Llama-3.1-8B / Qwen2.5-7B shapes,
 #                                  batch 1..64, dense vs sparse head, CUDA graphs, ms/step and GB/s
-# OUT then holds 8 files; summary.md ends with the markdown tables of both benchmarks (made from the JSON files;
+# OUT then holds 10 files; summary.md ends with the markdown tables of the benchmarks (made from the JSON files;
 # `python -m nanospec_vllm.tools.bench.<kernels|draft_step> --markdown FILE.json` makes them again).
-# Budget: about 5 minutes on an H200 (the step limits add up to 9.75 minutes). Env: PYTHON (default python3),
+# Budget: about 7 minutes on an H200 (the step limits add up to 13.75 minutes). Env: PYTHON (default python3),
 # GPU_BENCH_SKIP_TESTS=1 skips steps 2-3.
 set -uo pipefail
 
@@ -92,10 +97,13 @@ fi
 step bench-kernels 120 kernels-cuda.txt "$PY" -m nanospec_vllm.tools.bench.kernels --device cuda \
     --json "$OUT/kernels-cuda.json"
 
+step bench-union 240 union-cuda.txt "$PY" -m nanospec_vllm.tools.bench.kernels --device cuda --union \
+    --sets docs/benchmarks/union-cpu-sets.jsonl --json "$OUT/union-cuda.json"
+
 step bench-draft-step 300 draft-step-cuda.txt "$PY" -m nanospec_vllm.tools.bench.draft_step --device cuda \
     --json "$OUT/draft-step-cuda.json"
 
-for b in kernels:kernels-cuda draft_step:draft-step-cuda; do
+for b in kernels:kernels-cuda kernels:union-cuda draft_step:draft-step-cuda; do
     if [ -f "$OUT/${b#*:}.json" ]; then
         { echo; echo "## ${b#*:}"; echo; "$PY" -m "nanospec_vllm.tools.bench.${b%%:*}" --markdown "$OUT/${b#*:}.json"; } \
             >> "$OUT/summary.md" 2>&1
