@@ -33,8 +33,10 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("sampling")
 
 
-def test_temperature_bug_fixed_by_plugin(job, workdir):
-    fixed = run_engine(job, workdir)
+def test_temperature_bug_fixed_in_a_nanospec_engine(job, workdir):
+    """A NanoSpec engine whose requests all switch NanoSpec off (vLLM's full head drafts) gets the fix."""
+    n = len(job["prompts"])
+    fixed = run_engine(dict(job, spec=dict(job["spec"], nanospec={}), switches=[0] * n), workdir)
     assert _acceptance(fixed) > 0.9, fixed["metrics"]
     assert all(len(t) == 48 for t in fixed["tokens"])
 
@@ -42,6 +44,12 @@ def test_temperature_bug_fixed_by_plugin(job, workdir):
 def test_temperature_bug_present_without_plugin(job, workdir):
     broken = run_engine(dict(job, env={"NANOSPEC_DISABLE": "1"}), workdir)
     assert _acceptance(broken) < 0.5, broken["metrics"]  # the symptom the patch removes
+
+
+def test_plain_engine_untouched_with_the_plugin_loaded(job, workdir):
+    """The plugin is inert for an engine without a `nanospec` block: vLLM's CPU bug is left as vLLM has it."""
+    plain = run_engine(job, workdir)
+    assert _acceptance(plain) < 0.5, plain["metrics"]
 
 
 def test_probabilistic_nanospec_drafts(job, workdir, qwen05b):

@@ -104,8 +104,11 @@ def sampling_params():
 
     from nanospec_vllm.vllm.patches import apply_all
 
-    apply_all()
-    return SamplingParams
+    # the switch is checked only in a process where a NanoSpec engine was configured (the config patch sets this)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOSPEC_ENGINE", "1")
+        apply_all()
+        yield SamplingParams
 
 
 @settings(max_examples=400, deadline=None, derandomize=True, database=None,
