@@ -1,28 +1,94 @@
 """No host wait per step: a counter of host reads of device data over fake engine steps driven through the runtime.
 
 On a CPU machine the "device" is the host, so a real sync cannot be observed; :class:`HostReadCounter` counts
-what would be one on CUDA instead. It wraps, while active, every Python-level way to read device data on the host
-(``item``, ``tolist``, ``__bool__``, ``__int__``, ``__float__``, ``__index__``, ``cpu``, ``numpy``, ``nonzero``,
-boolean-mask indexing), blocking copies between host and device memory (``copy_`` / ``to`` without
-``non_blocking``), and ``torch.tensor`` / ``torch.as_tensor`` with a ``device`` argument (a blocking copy on CUDA).
+what would be one on CUDA instead, at two levels:
+
+* Python: it wraps, while active, every Python-level way to read device data on the host (``item``, ``tolist``,
+  ``__bool__``, ``__int__``, ``__float__``, ``__index__``, ``cpu``, ``numpy``, ``nonzero``, boolean-mask
+  indexing), blocking copies between host and device memory (``copy_`` / ``to`` without ``non_blocking``), and
+  ``torch.tensor`` / ``torch.as_tensor`` with a ``device`` argument (a blocking copy on CUDA);
+* PyTorch's dispatcher (:class:`SyncOpCounter`, a ``TorchDispatchMode``, which sees every ATen op that runs, also
+  inside library code and on CPU tensors): the ops whose result's size or value the host must wait for, wherever
+  they are called from: ``nonzero`` (also ``torch.where(cond)``, ``argwhere``), ``_local_scalar_dense`` (``item``,
+  ``int()``, ``bool()``), ``unique*``, ``masked_select``, ``bincount``, ``equal`` / ``allclose``,
+  ``repeat_interleave`` without ``output_size``, indexing or index assignment with a boolean mask, and blocking
+  device -> host copies.
+
 Tensors that live in host memory on a GPU machine too (the runtime's staging buffers, vLLM's ``*_cpu`` tensors,
 tensors built from host lists) may be read freely: the counter knows them by storage. On a CUDA machine the same
-steps also run under ``torch.cuda.set_sync_debug_mode("error")``.
+steps also run under ``torch.cuda.set_sync_debug_mode("error")``. The steps run through the runtime's hooks,
+through the patch wrappers vLLM's runner and proposer call, and with each sparse head implementation this machine
+has (PyTorch, the native CPU kernel, the dense strategy, Triton: on CUDA, or on CPU under ``TRITON_INTERPRET=1``
+in a fresh process).
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import MethodType
 from types import SimpleNamespace as NS
 from typing import Any, Self
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanospec_vllm.vllm.runtime import NanoSpecRuntime
 
 from .fakes import admit, fake_runner
 
 V, H = 1000, 16
+aten = torch.ops.aten
+
+#: ATen ops (overload packets) the host always waits for: their output's size or value depends on device data
+SYNC_OPS = frozenset({aten.nonzero, aten._local_scalar_dense, aten.is_nonzero, aten.masked_select, aten._unique,
+                      aten._unique2, aten.unique_dim, aten.unique_consecutive, aten.unique_dim_consecutive,
+                      aten.bincount, aten.equal, aten.allclose})
+#: index ops that sync when an index is a boolean mask (turned into positions with nonzero inside the kernel)
+MASK_INDEX_OPS = frozenset({aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_})
+
+
+class SyncOpCounter(TorchDispatchMode):
+    """Records ``(op, shape)`` for every ATen op that makes the host wait for the device (see the module docstring)
+    and that reads at least one tensor not in ``is_host`` memory."""
+
+    def __init__(self, is_host: Any) -> None:
+        super().__init__()
+        self.is_host = is_host
+        self.events: list[tuple[str, tuple[int, ...]]] = []
+
+    def _why(self, func: Any, args: tuple, kwargs: dict) -> str | None:
+        packet = func.overloadpacket
+        if packet in SYNC_OPS:
+            return f"aten.{packet.__name__}"
+        if packet is aten.repeat_interleave and kwargs.get("output_size") is None and len(args) < 4:
+            return "aten.repeat_interleave without output_size"
+        if packet in MASK_INDEX_OPS:
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ()):
+                return f"aten.{packet.__name__} with a boolean mask"
+        if packet is aten._to_copy and not kwargs.get("non_blocking", False):
+            src, dst = args[0].device, kwargs.get("device")
+            if dst is not None and torch.device(dst).type == "cpu" and src.type != "cpu":
+                return "aten._to_copy device -> host"
+        if packet is aten.copy_ and args[0].device.type == "cpu" and args[1].device.type != "cpu" and not (
+                args[2] if len(args) > 2 else kwargs.get("non_blocking", False)):
+            return "aten.copy_ device -> host"
+        return None
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        why = self._why(func, args, kwargs)
+        if why is not None:
+            tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+            tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+            device = [t for t in tensors if not self.is_host(t)]
+            if device:
+                self.events.append((why, tuple(device[0].shape)))
+        return func(*args, **kwargs)
 
 
 class HostReadCounter:
@@ -33,7 +99,13 @@ class HostReadCounter:
     def __init__(self, host: list[torch.Tensor] = ()) -> None:
         self.events: list[tuple[str, tuple[int, ...]]] = []
         self._host = {t.untyped_storage().data_ptr() for t in host}
+        self._keep: list[torch.Tensor] = list(host)  # host memory is known by address: keep it from being reused
         self._saved: list[tuple[Any, str, Any]] = []
+        self.ops = SyncOpCounter(self.is_host)
+
+    def found(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Every host read seen: Python-level ones, then the syncing ATen ops."""
+        return self.events + self.ops.events
 
     def is_host(self, t: torch.Tensor) -> bool:
         return t.untyped_storage().data_ptr() in self._host
@@ -103,6 +175,7 @@ class HostReadCounter:
                     elif isinstance(out, torch.Tensor) and out.device.type == "cpu" and not (
                             a and isinstance(a[0], torch.Tensor)):
                         counter._host.add(out.untyped_storage().data_ptr())  # built from host data: host memory
+                        counter._keep.append(out)  # alive while counting: its address is never reused
                     return out
                 return wrapped
             return make
@@ -114,9 +187,11 @@ class HostReadCounter:
         self._patch(torch, "tensor", factory("torch.tensor"))
         self._patch(torch, "as_tensor", factory("torch.as_tensor"))
         self._patch(torch, "nonzero", reader("torch.nonzero"))
+        self.ops.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.ops.__exit__(*exc)
         for owner, name, orig in reversed(self._saved):
             setattr(owner, name, orig)
         self._saved.clear()
@@ -147,7 +222,41 @@ def test_counter_sees_every_kind_of_host_read() -> None:
     kinds = [k for k, _ in c.events]
     assert kinds == ["item", "tolist", "__bool__", "__int__", "mask-index", "mask-assign",
                      "torch.tensor(device=)", "torch.nonzero", "cpu", "blocking-to", "blocking-copy"], kinds
+    ops = [k for k, _ in c.ops.events]  # the same reads seen in the dispatcher (host ones excepted)
+    assert ops == ["aten._local_scalar_dense", "aten._local_scalar_dense", "aten._local_scalar_dense",
+                   "aten.index with a boolean mask", "aten.index_put_ with a boolean mask", "aten.nonzero"], ops
     assert torch.Tensor.item.__name__ == "item"  # restored
+
+
+def test_counter_sees_syncs_inside_pytorch() -> None:
+    """Ops that wait for the device without a Python-level read: each is one event, wherever it is called from;
+    their sync-free forms (and any op on host memory) are none."""
+    d = torch.tensor([3, 0, 2, 2, 5])
+    host = torch.tensor([1, 0, 1])
+    with HostReadCounter(host=[host]) as c:
+        torch.where(d < 1)  # one argument: nonzero
+        torch.argwhere(d)
+        torch.unique(d)
+        torch.unique(d.view(5, 1), dim=0)
+        torch.unique_consecutive(d)
+        torch.masked_select(d, d > 1)
+        torch.repeat_interleave(d, d)
+        torch.bincount(d)
+        torch.equal(d, d)
+        # sync-free: output sizes known on the host, selects instead of compaction
+        torch.repeat_interleave(d, d, output_size=12)
+        torch.where(d < 1, d, torch.zeros_like(d))
+        torch.nonzero_static(d, size=5)
+        d.masked_fill(d > 1, 0)
+        d.index_select(0, torch.tensor([0, 2]))
+        torch.where(host)  # host memory: no wait
+        host.unique()
+    assert [k for k, _ in c.ops.events] == [
+        "aten.nonzero", "aten.nonzero", "aten._unique2", "aten.unique_dim", "aten.unique_consecutive",
+        "aten.masked_select", "aten.repeat_interleave without output_size", "aten.bincount", "aten.equal"]
+    assert c.events == []
+    torch.where(d < 1)  # the counter has left the dispatcher
+    assert len(c.ops.events) == 9
 
 
 # ---------------------------------------------------------------------------------------------- fake engine steps
@@ -197,41 +306,201 @@ def _step(r: Any, rt: Any, proposer: Any, inputs: tuple, greedy: bool, qsl: torc
 
 def _host_tensors(rt: Any, qsl: torch.Tensor) -> list[torch.Tensor]:
     guard = [] if rt.guard is None else rt.guard.host_buffers()
-    return [*rt.staging.host_buffers(), *rt.stats.host_buffers(), *guard, qsl]
+    head = getattr(rt.head, "host_buffers", list)()  # a head that copies figures back keeps them in host memory
+    return [*rt.staging.host_buffers(), *rt.stats.host_buffers(), *guard, *head, qsl]
+
+
+def _patch(name: str, orig: Any) -> Any:
+    """The register's wrapper for ``name`` (the attribute a patch replaces) around ``orig``, as a function."""
+    from nanospec_vllm.vllm.patches import all_patches
+
+    (p,) = [p for p in all_patches() if p.target.split(":")[1].rsplit(".", 1)[-1] == name]
+    w = p.make(orig)
+    return w.__func__ if isinstance(w, staticmethod) else w
+
+
+def _install_wrappers(r: Any, proposer: Any) -> None:
+    """Give the fake runner and proposer vLLM's methods as the plugin leaves them: the register's wrappers around
+    stand-ins for vLLM's originals that call each other as vLLM's V1 runner does (``sample_tokens`` ->
+    ``_sample`` -> ``propose_draft_token_ids`` -> the drafter's ``_sample_draft_tokens`` per draft position).
+    ``r.fake`` holds what vLLM would hand over (inputs, greedy, the host query start locations)."""
+    pytest.importorskip("vllm")  # the sample_tokens wrapper reads vLLM's output types
+
+    def update_states(self: Any, so: Any) -> None:  # vLLM: the scheduled requests become the batch
+        for nr in so.scheduled_new_reqs:
+            self.requests[nr.req_id] = nr.state
+        if so.scheduled_new_reqs:
+            self.input_batch.req_ids = [nr.req_id for nr in so.scheduled_new_reqs]
+            self.input_batch.num_reqs = len(so.scheduled_new_reqs)
+
+    def execute_model(self: Any, so: Any, intermediate_tensors: Any = None) -> None:
+        return None  # the output comes from sample_tokens
+
+    def sample(self: Any, logits: Any, spec_decode_metadata: Any) -> Any:
+        top_k = _patch("apply_top_k_only", lambda lg, k: lg)  # the rejection sampler's top-k, as patched
+        top_k(logits[:0], None)
+        return top_k(logits, None)
+
+    def sample_tokens(self: Any, grammar_output: Any) -> Any:
+        logits, sampled, hidden = self.fake.inputs
+        spec, attn = NS(num_draft_tokens=[2, 1, 2]), NS(query_start_loc_cpu=self.fake.qsl)
+        self._sample(logits, spec)
+        drafts = self.propose_draft_token_ids(None, sampled, NS(all_greedy=self.fake.greedy), hidden, hidden, None,
+                                              spec, attn, None)
+        return NS(sampled_token_ids=sampled, draft_token_ids=drafts)
+
+    def propose(self: Any, so: Any, sampled: Any, sampling_metadata: Any, hidden: Any, sample_hidden: Any,
+                aux: Any, spec: Any, attn: Any, slot_mappings: Any) -> Any:
+        toks = []
+        for pos in range(2):
+            tok, probs = self.drafter._sample_draft_tokens(hidden[pos * 3: pos * 3 + 3], sampling_metadata)
+            assert (probs is None) == sampling_metadata.all_greedy
+            toks.append(tok)
+        return torch.stack(toks, 1)
+
+    def full_head(self: Any, hidden: Any, sampling_metadata: Any) -> Any:  # vLLM's own (not asked here)
+        raise AssertionError("every row of these batches is NanoSpec's or vLLM's full head inside NanoSpec's call")
+
+    for name, orig in (("_update_states", update_states), ("execute_model", execute_model), ("_sample", sample),
+                       ("sample_tokens", sample_tokens), ("propose_draft_token_ids", propose)):
+        setattr(r, name, MethodType(_patch(name, orig), r))
+    proposer._sample_draft_tokens = MethodType(_patch("_sample_draft_tokens", full_head), proposer)
+
+
+def _scheduled(reqs: dict[str, tuple[list[int], object]] | None = None) -> NS:
+    """A scheduler output: ``reqs`` (id -> (prompt ids, per-request switch)) new, nothing else."""
+    new = [NS(req_id=rid, state=NS(prompt_token_ids=p, output_token_ids=[], sampling_params=NS(
+        extra_args=None if sw is None else {"nanospec": sw}, all_stop_token_ids=[]))) for rid, (p, sw) in
+        (reqs or {}).items()]
+    return NS(finished_req_ids=[], preempted_req_ids=[], scheduled_new_reqs=new,
+              scheduled_cached_reqs=NS(resumed_req_ids=[]))
+
+
+def _wrapped_step(r: Any, so: Any) -> Any:
+    """One engine step as vLLM's worker drives it (through the patch wrappers)."""
+    r._update_states(so)
+    r.execute_model(so, None)
+    return r.sample_tokens(None)
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+#: sparse head implementations: kernel setting and extra config (``dense``: the dense strategy at any size)
+KERNELS = {"torch": {"kernel": "torch"}, "native": {"kernel": "native"}, "triton": {"kernel": "triton"},
+           "dense": {"kernel": "torch", "dense_fallback_ratio": 1e-3}, "union": {"kernel": "union"},
+           "auto": {"kernel": "auto"}}
+
+
+def _kernel_cfg(kernel: str, device: str) -> dict:
+    import typing
+
+    from nanospec_vllm.config import NanoSpecConfig
+    from nanospec_vllm.ops import available_impls
+
+    cfg = KERNELS[kernel]
+    choices = typing.get_args(NanoSpecConfig.model_fields["kernel"].annotation)
+    if cfg["kernel"] not in choices:
+        pytest.skip(f"no {cfg['kernel']} sparse head in this version")
+    if cfg["kernel"] not in ("union", "auto") and cfg["kernel"] not in available_impls(device):
+        pytest.skip(f"{cfg['kernel']} sparse head not available on {device}")
+    return cfg
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize("via", ["hooks", "patches"])
 @pytest.mark.parametrize("greedy", [True, False])
 @pytest.mark.parametrize("prompt_topk", [False, True])
-def test_a_step_reads_no_device_data(device: str, greedy: bool, prompt_topk: bool) -> None:
+def test_a_step_reads_no_device_data(device: str, kernel: str, via: str, greedy: bool, prompt_topk: bool) -> None:
+    """Two steps of three requests (one switched off): admission, verification top-k, set updates, coverage,
+    two draft positions, statistics. ``via="hooks"`` calls the runtime's hooks; ``via="patches"`` drives vLLM's
+    methods as patched (runner and proposer wrappers, the top-k sampler's)."""
     w = torch.randn(V, H, generator=torch.Generator().manual_seed(0)).to(device)
     r, rt, proposer = _runner({"target_topk": 2, "capacity": 64, "prompt_topk": prompt_topk,
-                               "kernel": "torch"}, device, w)
+                               **_kernel_cfg(kernel, device)}, device, w)
     r.input_batch.num_computed_tokens_cpu[:] = [0, 0, 0, 0]
     r.input_batch.num_prompt_tokens[:] = [3, 2, 1, 0]
     qsl = torch.tensor([0, 3, 5, 6])  # vLLM's host copy of the query start locations
     sync_mode = torch.cuda.get_sync_debug_mode() if device == "cuda" else None
     inputs = _inputs(device)
+    reqs = {"a": ([1, 2, 3], None), "b": ([4, 5], 0), "c": ([6], "on")}
+    if via == "patches":
+        _install_wrappers(r, proposer)
+        r.fake = NS(inputs=inputs, greedy=greedy, qsl=qsl)
+        proposer._enable_probabilistic_draft_probs = not greedy
     with HostReadCounter(host=_host_tensors(rt, qsl)) as c:
         if device == "cuda":
             torch.cuda.set_sync_debug_mode("error")
         try:
-            _admit(r, rt, {"a": ([1, 2, 3], None), "b": ([4, 5], 0), "c": ([6], "on")})
-            payload = _step(r, rt, proposer, inputs, greedy, qsl)
-            payload2 = _step(r, rt, proposer, inputs, greedy, qsl)
+            if via == "hooks":
+                _admit(r, rt, reqs)
+                payload = _step(r, rt, proposer, inputs, greedy, qsl)
+                payload2 = _step(r, rt, proposer, inputs, greedy, qsl)
+            else:
+                out = _wrapped_step(r, _scheduled(reqs))
+                out2 = _wrapped_step(r, _scheduled())
         finally:
             if device == "cuda":
                 torch.cuda.set_sync_debug_mode(sync_mode)
-    assert c.events == [], f"host reads of device data in a step: {c.events}"
+    assert c.found() == [], f"host reads of device data in a step: {c.found()}"
     tot = rt.stats.totals  # off the hot path: waits for the copies in flight
     # drafted positions with an emitted token per step: a -> 2 (2, 7), c -> 2 (6, 8); b is off
     assert tot["target"] == 8
     assert tot["size_n"] == 4  # 2 NanoSpec rows x 2 steps, recorded once per propose
-    if device == "cpu":  # the host is the device: every step's figures are ready at its own end
+    if via == "patches":  # NanoSpec drafted the on rows (b, switched off, by vLLM's head inside the same call)
+        assert out.draft_token_ids.shape == out2.draft_token_ids.shape == (3, 2) and rt.ctx is None
+    elif device == "cpu":  # the host is the device: every step's figures are ready at its own end
         assert payload["target"] == 4 and payload2["target"] == 4 and len(payload["sizes"]) == 2
+
+
+@pytest.mark.parametrize("via", ["hooks", "patches"])
+def test_a_sync_injected_into_the_step_is_caught(monkeypatch, via: str) -> None:
+    """The counter must fail a step that syncs inside PyTorch: ``torch.where(tok < 0)[0]`` (a one-argument
+    ``where``: ``nonzero``) added to the sparse head's greedy path is one ``aten.nonzero`` per draft position."""
+    from nanospec_vllm.vllm.head import SparseDraftHead
+
+    greedy_head = SparseDraftHead._greedy
+
+    def injected(self: Any, proposer: Any, hidden: torch.Tensor) -> torch.Tensor:
+        tok = greedy_head(self, proposer, hidden)
+        torch.where(tok < 0)[0]  # the injected sync
+        return tok
+
+    monkeypatch.setattr(SparseDraftHead, "_greedy", injected)
+    w = torch.randn(V, H, generator=torch.Generator().manual_seed(0))
+    r, rt, proposer = _runner({"target_topk": 2, "capacity": 64, "kernel": "torch"}, "cpu", w)
+    qsl = torch.tensor([0, 3, 5, 6])
+    reqs = {"a": ([1, 2, 3], None), "b": ([4, 5], 0), "c": ([6], "on")}
+    inputs = _inputs("cpu")
+    if via == "patches":
+        _install_wrappers(r, proposer)
+        r.fake = NS(inputs=inputs, greedy=True, qsl=qsl)
+    with HostReadCounter(host=_host_tensors(rt, qsl)) as c:
+        if via == "hooks":
+            _admit(r, rt, reqs)
+            _step(r, rt, proposer, inputs, True, qsl)
+        else:
+            _wrapped_step(r, _scheduled(reqs))
+    assert c.found() == [("aten.nonzero", (3,)), ("aten.nonzero", (3,))]  # 2 positions x [3 rows]
+
+
+def test_triton_head_in_a_fresh_process() -> None:
+    """The Triton sparse head's steps on CPU: under ``TRITON_INTERPRET=1``, which must be set before triton is
+    first imported, so in a fresh process running this file's Triton cases (skipped here when this process can
+    run them itself, or has no triton)."""
+    from nanospec_vllm.ops import available_impls, triton_kernels
+
+    if "triton" in available_impls("cpu"):
+        pytest.skip("this process runs the Triton cases itself")
+    if triton_kernels.triton is None:
+        pytest.skip("triton is not installed")
+    root = Path(__file__).resolve().parents[2]
+    cases = [f"{Path(__file__)}::test_a_step_reads_no_device_data[False-{greedy}-{via}-triton-cpu]"
+             for greedy in (True, False) for via in ("hooks", "patches")]  # prompt_topk off: the head is the point
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *cases], cwd=root,
+                       capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=900,
+                       check=False)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and "4 passed" in out and "skipped" not in out, out[-3000:]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -251,7 +520,7 @@ def test_the_guard_sends_a_low_coverage_request_to_the_full_head_without_host_re
         _step(r, rt, proposer, inputs, True, qsl)  # a: 2, 7 emitted at drafted positions, 2 active; c: 6, 8 both
         assert rt.ctx is None
         _step(r, rt, proposer, inputs, True, qsl)
-    assert c.events == [], f"host reads of device data in a step: {c.events}"
+    assert c.found() == [], f"host reads of device data in a step: {c.found()}"
     assert rt.guard.poll()[rt.pool.slot_of("a")] is True and rt.guard.poll()[rt.pool.slot_of("c")] is False
     tot = rt.stats.totals
     assert tot["planned"] == 4 and tot["guarded"] == 1 and tot["guard_fires"] == 1
@@ -291,7 +560,7 @@ def test_a_row_with_no_draftable_id_drafts_the_fallback_on_the_device() -> None:
             rt.before_propose(r, nothing, None)
             tok, probs = rt.head.sample(proposer, hidden, NS(all_greedy=greedy))
             rt.end_step()
-        assert c.events == []
+        assert c.found() == []
         s = hidden @ w.T
         want_c = 503 if s[1, 3] > s[1, 7] else 507
         assert tok.tolist() == [500, want_c]
@@ -304,8 +573,6 @@ def test_a_row_with_no_draftable_id_drafts_the_fallback_on_the_device() -> None:
 def test_index_staging_round_trip(monkeypatch, with_vllm: bool) -> None:
     """The staged vectors come back exact, side by side; the previous step's views survive one more step (ring of
     two); more than ``5 x max_rows`` values still work (one-off copy). Without vLLM a local pinned pair is used."""
-    import sys
-
     from nanospec_vllm.vllm.runtime import IndexStaging
 
     if not with_vllm:
