@@ -44,7 +44,9 @@ def _pinned(tok, model_config, hot_size: int) -> list[int]:
 
 
 def build_sets(model_dir: Path, prompts: list[tuple[str, str]], max_tokens: int, topk: int, capacity: int,
-               hot_size: int, batch: int = 8, max_prompt_tokens: int = 384, log=print) -> list[dict]:
+               hot_size: int, batch: int = 8, max_prompt_tokens: int = 384, log=print,
+               on_batch=None) -> list[dict]:
+    """The sets of ``prompts`` (``[(task, prompt)]``); ``on_batch(rows)`` gets each batch's rows as they are done."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ...state import ActiveVocabPool
@@ -83,6 +85,8 @@ def build_sets(model_dir: Path, prompts: list[tuple[str, str]], max_tokens: int,
                     break
             out.append({"task": task, "prompt_tokens": len(e), "generated": n, "ids": pool.active_list("r")})
             pool.free("r")
+        if on_batch is not None:
+            on_batch(out[-len(chunk):])
         log(f"  sets: {len(out)}/{len(prompts)} requests ({time.time() - t0:.0f} s)")
     return out
 
@@ -108,11 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         folder = model_dir(a.model)
     prompts = load_prompts("specbench", a.per_group)
     prompts.sort(key=lambda tp: len(tp[1]))  # similar lengths in a batch: less padding
-    rows = build_sets(folder, prompts, a.max_tokens, a.topk, a.capacity, a.hot_size, a.batch,
-                      a.max_prompt_tokens)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(a.out, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(a.out, "w") as f:  # written batch by batch: a cut-short run keeps what it made
+
+        def write(batch_rows: list[dict]) -> None:
+            f.writelines(json.dumps(r) + "\n" for r in batch_rows)
+            f.flush()
+
+        rows = build_sets(folder, prompts, a.max_tokens, a.topk, a.capacity, a.hot_size, a.batch,
+                          a.max_prompt_tokens, on_batch=write)
     sizes = sorted(len(r["ids"]) for r in rows)
     print(f"wrote {len(rows)} sets to {a.out}: size median {sizes[len(sizes) // 2]}, max {sizes[-1]}")
     return 0
