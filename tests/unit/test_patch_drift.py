@@ -31,15 +31,18 @@ def _original(patch: Patch) -> Any:
     return getattr(owner, f"_nanospec_orig_{attr}", current)
 
 
-def param_spec(fn: Any) -> list[tuple[str, str, Any]]:
+def param_spec(fn: Any, follow_wrapped: bool = True) -> list[tuple[str, str, Any]]:
     """``(name, kind, default)`` per parameter; annotations are left out (they differ in spelling only)."""
     f = fn.__func__ if isinstance(fn, (staticmethod, classmethod)) else fn
-    return [(p.name, p.kind.name, p.default) for p in inspect.signature(f).parameters.values()]
+    params = inspect.signature(f, follow_wrapped=follow_wrapped).parameters.values()
+    return [(p.name, p.kind.name, p.default) for p in params]
 
 
 def spec_drift(orig: Any, wrapper: Any) -> list[str]:
-    """What differs between vLLM's function and the wrapper written for it: names, kinds, defaults, arity."""
-    a, b = param_spec(orig), param_spec(wrapper)
+    """What differs between vLLM's function and the wrapper written for it: names, kinds, defaults, arity.
+    vLLM's function is read through its decorators (``__wrapped__``, as ``Patch.check_signature`` reads it); the
+    wrapper's own parameters are read, never the function a ``__wrapped__`` on it points to (that is vLLM's)."""
+    a, b = param_spec(orig), param_spec(wrapper, follow_wrapped=False)
     out = [f"{x} != {y}" for x, y in zip(a, b) if x != y]
     if len(a) != len(b):
         out.append(f"{len(a)} parameters in vLLM, {len(b)} in the wrapper")
@@ -83,6 +86,8 @@ def test_spec_drift_sees_a_changed_default_kind_or_new_parameter():
     assert spec_drift(vllm_fn, new_default) == [("('b', 'POSITIONAL_OR_KEYWORD', None) != "
                                                  "('b', 'POSITIONAL_OR_KEYWORD', 0)")]
     assert len(spec_drift(vllm_fn, keyword)) == 1 and "KEYWORD_ONLY" in spec_drift(vllm_fn, keyword)[0]
+    assert spec_drift(vllm_fn, shorter) == ["4 parameters in vLLM, 3 in the wrapper"]
+    shorter.__wrapped__ = vllm_fn  # what functools.wraps sets: the wrapper's own parameters still count
     assert spec_drift(vllm_fn, shorter) == ["4 parameters in vLLM, 3 in the wrapper"]
 
 
