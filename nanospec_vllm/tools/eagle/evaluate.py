@@ -1,9 +1,9 @@
-"""Report (never tune) a trained EAGLE-1 head: benchmark-prompt acceptance and a quick side-by-side.
+"""Report (never tune) a trained EAGLE head: benchmark-prompt acceptance and a quick side-by-side.
 
 ``python -m nanospec_vllm.tools.eagle.evaluate HEAD_FOLDER --target qwen2.5-coder-0.5b --json OUT``:
 
-* ``bench``: vLLM, ``method: eagle``, 3 speculative tokens, greedy, 64 tokens, on 2 prompts per Spec-Bench
-  group (translation, summarization, qa, math_reasoning, rag, mt_bench = the 8 MT-bench sub-categories) + 2
+* ``bench``: vLLM, ``method: eagle`` (``eagle3`` for an EAGLE-3 head), 3 speculative tokens, greedy, 64
+  tokens, on 2 prompts per Spec-Bench group (translation, summarization, qa, math_reasoning, rag, mt_bench = the 8 MT-bench sub-categories) + 2
   HumanEval prompts: acceptance per draft position and tau, per group and overall. Read only to report what
   users would get; nothing here feeds back into training or defaults.
 * ``side_by_side``: one engine process per configuration (no speculation; eagle without NanoSpec; eagle with
@@ -89,7 +89,9 @@ def main(argv: list[str]) -> int:
     _, target = resolve_target(a.target)
     if a.png:
         plot_curve(Path(a.head) / "card.json", Path(a.png))
-    spec = {"method": "eagle", "model": str(Path(a.head).resolve()), "num_speculative_tokens": 3}
+    head_cfg = json.loads((Path(a.head) / "config.json").read_text())
+    method = "eagle3" if "draft_vocab_size" in head_cfg else "eagle"  # an EAGLE-3 head (format3) says its vocab
+    spec = {"method": method, "model": str(Path(a.head).resolve()), "num_speculative_tokens": 3}
     out: dict = {"head": str(a.head), "target": str(target)}
     if not a.skip_bench:
         groups = bench_prompts(a.per_group_prompts)
