@@ -151,14 +151,16 @@ def _shape(r: Mapping) -> tuple:
     return (r["hidden"], r["vocab"], r["batch"], r["union_rows"], r.get("sets", ""))
 
 
-#: Fitted on this project's CPU (2-core AMD EPYC, AVX-512, shared with other jobs), native per-request kernel,
-#: bf16 heads; see docs/benchmarks/union-cpu.md for the run and the command.
+#: Fitted on this project's CPU (2-core AMD EPYC with AVX-512, shared with other jobs: noisy), native per-request
+#: kernel, bf16 heads, random full sets of 3,072 ids, batch 1-256, four head shapes (docs/benchmarks/union-cpu.md).
 CPU_MODEL = CostModel(
-    per_request=(0.0, 0.0),
-    dense=(0.0, 0.0, 0.0),
-    union_prepare=(0.0, 0.0, 0.0),
-    union_score=(0.0, 0.0, 0.0),
-    source="placeholder",
+    per_request=(9021.0, 0.0012695),
+    dense=(212556.0, 0.00014680, 4.2604e-05),
+    union_prepare=(0.0, 0.58956, 0.0012474),
+    union_score=(0.0, 0.00042684, 0.00017012),
+    source="nanospec bench kernels --device cpu --union --heads qwen2.5-0.5b llama-3.1-8b --budget-s 0.01 and "
+           "--heads gemma-3-1b qwen2.5-1.5b (2026-12-03, random full sets), fitted by "
+           "nanospec bench kernels --fit docs/benchmarks/union-cpu-random.json",
 )
 
 
