@@ -143,7 +143,9 @@ def union_raw(hidden: torch.Tensor, plan: UnionPlan, weight: torch.Tensor, ids: 
     One fp32 GEMM ``[B, H] x [H, capacity]`` and a per-row gather. When the plan may overflow, the candidates that
     did not fit are scored by ``overflow_impl`` (``torch`` / ``native`` / ``triton``) with the others passed as
     ``-1`` and merged on the device."""
-    full = hidden.float() @ plan.weight_rows.T  # [B, capacity]
+    # [capacity, H] x [H, B]: the long dimension as the GEMM's rows (1.5x faster than the other form in one
+    # measurement on this project's shared CPU); read back through the transposed view
+    full = (plan.weight_rows @ hidden.float().T).T  # [B, capacity]
     s = full.gather(1, plan.col).masked_fill(~plan.fits, NEG_INF)
     if plan.may_overflow:
         rest = plan.valid & ~plan.fits

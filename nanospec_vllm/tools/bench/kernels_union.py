@@ -140,6 +140,8 @@ def run_union(s: Settings, argv: list[str], json_path: str | None, sets_path: st
           f"cost model={'fitted' if model else 'none (auto = per-request)'}", flush=True)
 
     def save() -> None:
+        if hasattr(os, "getloadavg"):  # other processes on the machine skew CPU timings: keep the evidence
+            header["machine"]["loadavg_at_save"] = list(os.getloadavg())
         if json_path:
             os.makedirs(os.path.dirname(os.path.abspath(json_path)) or ".", exist_ok=True)
             header["wrong_tokens"] = wrong
