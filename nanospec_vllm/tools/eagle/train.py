@@ -28,9 +28,9 @@ target's residual streams entering the aux layers (vLLM's default ``2, n/2, n-3`
 ``--draft-vocab`` ids the training data (prompt + continuation tokens) uses most, BOS/EOS/pad pinned, stored as
 ``d2t``/``t2d`` with the head's own lm_head (initialised from the target's rows; ``--draft-vocab 0``: the full
 vocabulary through the target's frozen lm_head, none stored); the head starts from N(0, 0.02) weights and unit
-norms (:func:`_new_head3` says why); the loss is the soft
-cross-entropy against the target's distribution restricted to the draft vocabulary (sampled rows as above),
-at positions whose next token the vocabulary holds, for ``--unroll`` (default 3) draft steps of the
+norms (:func:`_new_head3` says why); the loss is the soft cross-entropy against the target's distribution
+restricted to the draft vocabulary (sampled rows as above), at positions whose next token the vocabulary holds,
+for ``--unroll`` (default 3) draft steps of the
 training-time test (:meth:`.model3.Eagle3Head.forward_unrolled`: the pre-norm output fed back, the attention
 vLLM's draft loop has; weight 0.5^s); acceptance with ``method: eagle3``. ``--data calibration,selfprompt``
 adds requests the target writes itself (:mod:`.selfprompt`) to the training prompts (held out: calibration).
@@ -95,7 +95,7 @@ def _shared_weights(target: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _settings(a: argparse.Namespace) -> dict:
     if a.arch == "eagle3":
-        return {"arch": "eagle3", "draft_vocab": a.draft_vocab, "aux_layers": a.aux_layers, "data": a.data,
+        return {"arch": "eagle3", "draft_vocab": a.draft_vocab, "aux_layers": a.aux_layers,
                 **_settings(argparse.Namespace(**dict(vars(a), arch="eagle")))}
     return {"prompts": a.prompts, "heldout": a.heldout, "max_new_tokens": a.max_new_tokens, "seed": a.seed,
             "budget_min": None if a.steps else a.budget_min, "steps": a.steps, "tokens_per_step": a.tokens_per_step,
@@ -139,8 +139,8 @@ def _sample_tensors(feats: dict, i: int, emb: torch.Tensor, max_len: int):
 
 class _Vocab3:
     """What an EAGLE-3 step needs besides the head: the target's lm_head rows of the draft vocabulary
-    (``target_w``, frozen), the head's own lm_head (None: shared, = ``target_w``) and target id -> draft row
-    (-1: not in the draft vocabulary; None: the full vocabulary)."""
+    (``target_w``, frozen; also the head's lm_head when it has none of its own) and target id -> draft row
+    (``row_of``; -1: not in the draft vocabulary; None: the full vocabulary)."""
 
     def __init__(self, lm_head: torch.Tensor, vocab: dict | None):
         self.full = vocab is None
@@ -515,7 +515,7 @@ def train_eagle(argv: list[str]) -> Path:
             "target_folder": str(target),
             "settings": settings, "config": {k: cfg[k] for k in ("hidden_size", "intermediate_size",
                                                                  "num_attention_heads", "num_key_value_heads")},
-            "parameters": sum(int(t.numel()) for t in tensors.values()),
+            "parameters": sum(int(t.numel()) for t in tensors.values() if t.is_floating_point()),
             "data": {"source": "target's greedy continuations (vLLM, chat template) of " + source
                                + "; held out: calibration prompts whose source the training part lacks",
                      **({"selfprompt": self_stats} if self_stats else {}),
