@@ -228,6 +228,7 @@ def parse(argv: list[str]) -> tuple[Settings, str | None, str | None]:
     p.add_argument("--union", action="store_true", help="the union / auto sweep (batch 1-256, four head shapes)")
     p.add_argument("--sets", metavar="FILE", help="--union: real per-request id sets (JSON or JSONL)")
     p.add_argument("--union-width", type=int, default=3072, help="--union: ids per row of the random full sets")
+    p.add_argument("--sets-only", action="store_true", help="--union --sets: skip the random full sets")
     p.add_argument("--fit", metavar="JSON", help="print the cost model fitted on an earlier --union run")
     a = p.parse_args(argv)
     cuda = a.device == "cuda"
@@ -252,6 +253,7 @@ def parse(argv: list[str]) -> tuple[Settings, str | None, str | None]:
         union=a.union,
         sets=a.sets,
         union_width=a.union_width,
+        sets_only=a.sets_only,
     )
     return s, a.json, a.markdown
 

@@ -69,6 +69,7 @@ class Settings:
     union: bool = False  # --union: the union / auto sweep (kernels_union.py)
     sets: str | None = None  # --sets FILE: real per-request id sets for the union sweep
     union_width: int = 3072  # ids per row of the union sweep's random full sets
+    sets_only: bool = False  # --sets-only: skip the random full sets
 
 
 

@@ -131,7 +131,7 @@ def run_union(s: Settings, argv: list[str], json_path: str | None, sets_path: st
     header = _header(argv, s)
     model = cost.model_for(dev.type)
     header["cost_model"] = None if model is None else asdict(model)
-    sources: list[tuple[str, list[list[int]] | None]] = [("random", None)]
+    sources: list[tuple[str, list[list[int]] | None]] = [] if s.sets_only and sets_path else [("random", None)]
     if sets_path:
         sources.append((f"file:{os.path.basename(sets_path)}", load_sets(sets_path)))
     rows: list[Row] = []
