@@ -142,6 +142,8 @@ def test_reduced_vocabulary_d2t_drafts_what_was_predicted_and_nanospec_keeps_it(
 
     on = _run(qwen05b, work, heads["reduced"], nanospec={})
     acc_on, drafts_on = _acc(on)
+    print(f"reduced: predicted {want}, accepted {acc_off}/{drafts_off}; shifted d2t {acc_shift}/{drafts_shift}; "
+          f"NanoSpec {acc_on}/{drafts_on}")
     assert on["tokens"] == off["tokens"]
     assert drafts_on > 0 and acc_on >= 0.9 * acc_off, (acc_on, acc_off)
     (pool,) = on["pool"]
@@ -156,6 +158,7 @@ def test_full_vocabulary_head_shares_the_targets_lm_head_and_nanospec_keeps_it(q
     assert want >= 30 and abs(acc_off - want) <= 0.1 * want, (acc_off, want)
     on = _run(qwen05b, work, heads["full"], nanospec={})
     acc_on, drafts_on = _acc(on)
+    print(f"full: predicted {want}, accepted {acc_off}; NanoSpec {acc_on}/{drafts_on}")
     assert on["tokens"] == off["tokens"]
     assert drafts_on > 0 and acc_on >= 0.9 * acc_off, (acc_on, acc_off)
     (pool,) = on["pool"]
