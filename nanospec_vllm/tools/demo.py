@@ -11,11 +11,13 @@ head's, on the 0.5B model). Then it starts ``nanospec serve`` in one of two sett
   minority of its cost.
 
 It sends the same real prompts with NanoSpec on and switched off per request (``vllm_xargs: {"nanospec": 0}``:
-the full draft head), one at a time, greedy, and prints side by side: tokens/s (median over prompts),
-acceptance (from vLLM's own ``/metrics``), mean active-set size and coverage (NanoSpec's ``/metrics``), and
-whether the two outputs are identical. Then it stops the server.
+the full draft head), one at a time, greedy, then stops that server and sends them to a server without
+speculation, and prints three rows: no speculation, the head without NanoSpec, the head with NanoSpec (tokens/s,
+median over prompts; acceptance and tau from vLLM's own ``/metrics``; mean active-set size and coverage from
+NanoSpec's), whether NanoSpec's outputs equal the head's without it (exit 1 otherwise), and which row is fastest.
 
-Timings on a shared 2-core machine are noisy; the modes alternate prompt by prompt so drift hits both alike.
+Timings on a shared 2-core machine are noisy; on/off alternate prompt by prompt so drift hits both alike; the
+no-speculation row comes from its own server started right after.
 """
 
 from __future__ import annotations
@@ -23,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -83,12 +83,6 @@ def setting_head() -> Path:
     return cache_root() / "heads" / "eagle1-qwen2.5-coder-0.5b"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def core_check(model_dir: Path, prompt: str, steps: int = 24, capacity: int = 3072, k: int = 3) -> bool:
     """The core alone, on a real model (no vLLM): greedy-decode ``steps`` tokens with transformers and, at every
     position, draft with the sparse head over the active set (prompt ids + emitted tokens + the model's top-k at
@@ -142,7 +136,6 @@ def core_check(model_dir: Path, prompt: str, steps: int = 24, capacity: int = 30
 def main(argv: list[str]) -> int:
     from . import configs_dir
     from .assets import model_path
-    from .engine import preload_iomp
 
     ap = argparse.ArgumentParser(prog="nanospec demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--setting", choices=sorted(SETTINGS), default=DEFAULT_SETTING,
@@ -182,81 +175,97 @@ def main(argv: list[str]) -> int:
               "another", file=sys.stderr)
         return 1
 
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = Path(a.log) if a.log else Path(os.environ.get("TMPDIR", "/tmp")) / f"nanospec-demo-{port}.log"
-    env = dict(os.environ, VLLM_HOST_IP="127.0.0.1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
-               DO_NOT_TRACK="1", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"))
-    preload_iomp(env)  # vLLM CPU's advice; speculative engines ran 10-20x slower without it under load
-    cmd = [sys.executable, "-m", "nanospec_vllm.cli", "serve", str(target), "--speculative-config", a.config,
-           "--port", str(port), "--host", "127.0.0.1", "--enforce-eager", "--max-model-len", "2048",
-           "--max-num-seqs", "4"]
-    print(f"$ {' '.join(cmd[2:])}\n  (server log: {log})", flush=True)
-    t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)  # noqa: SIM115
-    try:
-        import urllib.request
+    from .server import ServeProcess, serve_env
 
-        while True:
-            if proc.poll() is not None:
-                print(f"server exited (rc={proc.returncode}); last lines of {log}:\n"
-                      + "\n".join(log.read_text().splitlines()[-30:]), file=sys.stderr)
-                return 1
-            try:
-                if urllib.request.urlopen(base + "/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(1)
-            if time.time() - t0 > 600:
-                print("server not ready after 600 s", file=sys.stderr)
-                return 1
+    log = Path(a.log) if a.log else Path(os.environ.get("TMPDIR", "/tmp")) / f"nanospec-demo-{os.getpid()}.log"
+    env = serve_env(kv_cache_gib=float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")))
+    common = ["--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "4"]
+    model = str(target)
+    print(f"$ nanospec serve {model} --speculative-config {a.config} {' '.join(common)}\n  (server log: {log})",
+          flush=True)
+    t0 = time.time()
+    try:
+        server = ServeProcess(model, ["--speculative-config", a.config, *common], log, env=env, timeout=600)
+    except RuntimeError as e:
+        print(f"nanospec demo: {e}", file=sys.stderr)
+        return 1
+    try:
         print(f"server ready in {time.time() - t0:.0f} s; {len(prompts)} prompts x {a.max_tokens} tokens, greedy, "
               "one at a time, NanoSpec on / off alternating\n", flush=True)
-        model = str(target)
-        _post(base, {"model": model, "prompt": "Hello", "max_tokens": 8, "temperature": 0})  # warm-up
-        modes = {"on": {"tps": [], "texts": [], "d": {}}, "off": {"tps": [], "texts": [], "d": {}}}
-        keys = ("vllm:spec_decode_num_accepted_tokens_total", "vllm:spec_decode_num_draft_tokens_total",
-                "vllm:spec_decode_num_drafts_total", "nanospec_active_vocab_size_sum",
-                "nanospec_active_vocab_size_count", "nanospec_target_tokens_total",
-                "nanospec_target_tokens_covered_total")
-        for i, p in enumerate(prompts):
-            order = ("on", "off") if i % 2 == 0 else ("off", "on")
-            for mode in order:
-                before = _metrics(base)
-                body = {"model": model, "prompt": p, "max_tokens": a.max_tokens, "temperature": 0}
-                if mode == "off":
-                    body["vllm_xargs"] = {"nanospec": 0}
-                t = time.perf_counter()
-                r = _post(base, body)
-                dt = time.perf_counter() - t
-                time.sleep(0.3)
-                after = _metrics(base)
-                m = modes[mode]
-                m["tps"].append(r["usage"]["completion_tokens"] / dt)
-                m["texts"].append(r["choices"][0]["text"])
-                for k in keys:
-                    m["d"][k] = m["d"].get(k, 0.0) + after.get(k, 0.0) - before.get(k, 0.0)
-        rows = []
-        for mode in ("on", "off"):
-            d = modes[mode]["d"]
-            acc = d[keys[0]] / d[keys[1]] if d[keys[1]] else float("nan")
-            tau = 1 + d[keys[0]] / d[keys[2]] if d[keys[2]] else float("nan")
-            size = d[keys[3]] / d[keys[4]] if d[keys[4]] else None
-            cov = d[keys[6]] / d[keys[5]] if d[keys[5]] else None
-            rows.append((mode, statistics.median(modes[mode]["tps"]), acc, tau, size, cov))
-        same = sum(x == y for x, y in zip(modes["on"]["texts"], modes["off"]["texts"]))
-        print(f"{'NanoSpec':<9} {'tok/s (median)':>15} {'draft accept':>13} {'tau':>6} {'active set':>11} "
-              f"{'coverage':>9}")
-        for mode, tps, acc, tau, size, cov in rows:
-            print(f"{mode:<9} {tps:>15.1f} {acc:>13.1%} {tau:>6.2f} "
-                  f"{(f'{size:.0f}' if size is not None else '-'):>11} {(f'{cov:.1%}' if cov is not None else '-'):>9}")
-        speed = rows[0][1] / rows[1][1] if rows[1][1] else float("nan")
-        print(f"\nspeed on/off: {speed:.2f}x; outputs identical on vs off: {same}/{len(prompts)}")
-        print(f"first answer (NanoSpec on):\n{modes['on']['texts'][0][:400]}")
-        return 0 if same == len(prompts) else 1
+        modes = _measure(server.base, model, prompts, a.max_tokens, ("on", "off"))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
+    # the third row: the same prompts on a server without speculation (its own start, right after)
+    nolog = log.with_name(log.stem + "-no-spec.log")
+    print(f"$ nanospec serve {model} {' '.join(common)}   (no speculation; log: {nolog})", flush=True)
+    try:
+        server = ServeProcess(model, common, nolog, env=env, timeout=600)
+    except RuntimeError as e:
+        print(f"nanospec demo: {e}", file=sys.stderr)
+        return 1
+    try:
+        modes.update(_measure(server.base, model, prompts, a.max_tokens, ("no-spec",)))
+    finally:
+        server.stop()
+    return _report(modes, prompts)
+
+
+_KEYS = ("vllm:spec_decode_num_accepted_tokens_total", "vllm:spec_decode_num_draft_tokens_total",
+         "vllm:spec_decode_num_drafts_total", "nanospec_active_vocab_size_sum",
+         "nanospec_active_vocab_size_count", "nanospec_target_tokens_total",
+         "nanospec_target_tokens_covered_total")
+_LABELS = {"no-spec": "no speculation", "off": "head, NanoSpec off", "on": "head + NanoSpec"}
+
+
+def _measure(base: str, model: str, prompts: list[str], max_tokens: int, order: tuple[str, ...]) -> dict:
+    """Each prompt once per mode (``on`` / ``off``: the per-request switch; ``no-spec``: a plain server), the
+    modes' order alternating prompt by prompt; tokens/s per request, the texts, and the metric deltas."""
+    _post(base, {"model": model, "prompt": "Hello", "max_tokens": 8, "temperature": 0})  # warm-up
+    modes: dict = {m: {"tps": [], "texts": [], "d": {}} for m in order}
+    for i, p in enumerate(prompts):
+        for mode in (order if i % 2 == 0 else order[::-1]):
+            before = _metrics(base)
+            body = {"model": model, "prompt": p, "max_tokens": max_tokens, "temperature": 0}
+            if mode == "off":
+                body["vllm_xargs"] = {"nanospec": 0}
+            t = time.perf_counter()
+            r = _post(base, body)
+            dt = time.perf_counter() - t
+            time.sleep(0.3)
+            after = _metrics(base)
+            m = modes[mode]
+            m["tps"].append(r["usage"]["completion_tokens"] / dt)
+            m["texts"].append(r["choices"][0]["text"])
+            for k in _KEYS:
+                m["d"][k] = m["d"].get(k, 0.0) + after.get(k, 0.0) - before.get(k, 0.0)
+    return modes
+
+
+def _report(modes: dict, prompts: list[str]) -> int:
+    """Three rows (no speculation, the head, the head with NanoSpec) and which is fastest. Exit 1 when NanoSpec's
+    outputs differ from the same head's without it (the lossless claim); outputs of no speculation may differ
+    from any speculation in bf16 (vLLM's verification numerics), so they are counted, not required."""
+    print(f"{'configuration':<20} {'tok/s (median)':>15} {'draft accept':>13} {'tau':>6} {'active set':>11} "
+          f"{'coverage':>9}")
+    speed = {}
+    for mode in ("no-spec", "off", "on"):
+        d = modes[mode]["d"]
+        acc = d[_KEYS[0]] / d[_KEYS[1]] if d.get(_KEYS[1]) else None
+        tau = 1 + d[_KEYS[0]] / d[_KEYS[2]] if d.get(_KEYS[2]) else None
+        size = d[_KEYS[3]] / d[_KEYS[4]] if d.get(_KEYS[4]) else None
+        cov = d[_KEYS[6]] / d[_KEYS[5]] if d.get(_KEYS[5]) else None
+        speed[mode] = statistics.median(modes[mode]["tps"])
+        print(f"{_LABELS[mode]:<20} {speed[mode]:>15.1f} {(f'{acc:.1%}' if acc is not None else '-'):>13} "
+              f"{(f'{tau:.2f}' if tau is not None else '-'):>6} {(f'{size:.0f}' if size is not None else '-'):>11} "
+              f"{(f'{cov:.1%}' if cov is not None else '-'):>9}")
+    n = len(prompts)
+    same = sum(x == y for x, y in zip(modes["on"]["texts"], modes["off"]["texts"]))
+    same_plain = sum(x == y for x, y in zip(modes["on"]["texts"], modes["no-spec"]["texts"]))
+    fastest = max(speed, key=speed.get)
+    print(f"\noutputs identical, head + NanoSpec vs the head without it: {same}/{n}; vs no speculation: "
+          f"{same_plain}/{n}")
+    print(f"head + NanoSpec: {speed['on'] / speed['off']:.2f}x the head without it, "
+          f"{speed['on'] / speed['no-spec']:.2f}x no speculation")
+    print(f"fastest here: {_LABELS[fastest]} ({speed[fastest]:.1f} tok/s)")
+    print(f"first answer (head + NanoSpec):\n{modes['on']['texts'][0][:400]}")
+    return 0 if same == n else 1
