@@ -3,7 +3,9 @@ with the full head until its coverage recovers (no vLLM imports; unit-tested in 
 
 Why: the sparse head makes a draft step cheaper, but a draft position whose target token is not active is a sure
 rejection. Below some coverage the lost acceptance costs more than the cheaper steps save, and NanoSpec would be
-the slower choice for that request. :func:`break_even_coverage` gives that coverage from measured step costs.
+the slower choice for that request. The offline model that gives that coverage from measured step costs
+(``break_even_coverage``, printed by ``bench e2e``) is :mod:`.tools.breakeven`; this module holds only what runs
+per step.
 
 The rule, per slot, on the device (:func:`guard_update`): after every verification the slot's running counts are
 ``covered <- covered * d + c`` and ``drafted <- drafted * d + n`` with ``d = exp(-n / window)`` (``n`` target
@@ -23,9 +25,6 @@ re-seeded after a copy was issued ignores that copy. Under tensor parallelism ev
 (``same_step_everywhere``), so all ranks plan alike. Cost per step: a few element-wise ops on ``[rows]`` and
 ``[slots]`` tensors, one ``slots``-byte copy and one event (~60 us on the 2-core CPU with 256 slots); no host
 wait on a single rank.
-
-Limit, measured (``docs/benchmarks/e2e-cpu.md``): the break-even model prices every miss as a lost acceptance;
-on benchmark prompts a miss costs about half of that, so the guard can fire where the sparse head still wins.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ import torch
 
 from .hostcopy import LaggedHostCopies
 
-__all__ = ["CoverageGuard", "GuardParams", "break_even_coverage", "guard_update", "tau_of"]
+__all__ = ["CoverageGuard", "GuardParams", "guard_update"]
 
 #: host copies of the flags in flight before the oldest is waited for (the GPU is never this far behind)
 RING = 4
@@ -51,41 +50,6 @@ class GuardParams:
     @property
     def enabled(self) -> bool:
         return self.min_coverage > 0.0
-
-
-def tau_of(alpha: float, k: int) -> float:
-    """Expected tokens per verification with K drafts, each accepted with probability ``alpha`` independently
-    until the first rejection: ``1 + alpha + ... + alpha^K``."""
-    return sum(alpha ** i for i in range(k + 1))
-
-
-def _alpha_of(tau: float, k: int) -> float:
-    lo, hi = 0.0, 1.0
-    tau = min(max(tau, 1.0), k + 1.0)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if tau_of(mid, k) < tau else (lo, mid)
-    return (lo + hi) / 2
-
-
-def break_even_coverage(tau_full: float, step_ms_full: float, step_ms_sparse: float, k: int) -> float:
-    """The coverage at which drafting with the sparse head is exactly as fast as with the full head.
-
-    Model: with the full head every draft position is accepted with probability ``alpha`` (recovered from
-    ``tau_full`` by :func:`tau_of`); with the sparse head a position can be accepted only when the target's token
-    is active, and then whenever the full head's draft would have been (the full argmax, if active, is also the
-    sparse argmax), so ``alpha_sparse = alpha * coverage``. Equal speed means
-    ``tau_of(alpha * c) / step_ms_sparse = tau_full / step_ms_full``; returns that ``c`` (0 when the sparse step
-    is so cheap that even no acceptance breaks even, 1 when it is not cheaper at all).
-    """
-    if step_ms_sparse >= step_ms_full:
-        return 1.0
-    alpha = _alpha_of(tau_full, k)
-    need = tau_full * step_ms_sparse / step_ms_full
-    if need <= 1.0 or alpha <= 0.0:
-        return 0.0
-    a = _alpha_of(need, k)
-    return min(1.0, a / alpha)
 
 
 def guard_update(covered: torch.Tensor, drafted: torch.Tensor, guarded: torch.Tensor, n: torch.Tensor,

@@ -157,7 +157,7 @@ def test_aggregate_medians_and_paired_ratios():
 def test_aggregate_break_even_coverage_pairs_rounds():
     """Each NanoSpec repeat's break-even coverage comes from the full-head repeat of the same round (tau, step ms)
     and its own step ms; the row holds the median. Rows without coverage (no NanoSpec) have none."""
-    from nanospec_vllm.guard import break_even_coverage
+    from nanospec_vllm.tools.breakeven import break_even_coverage
 
     reps = {
         ("qa", "full-head", "draft_model", 1, 4): [_rep(0, 20.0, tau=3.0, step_ms=10.0),

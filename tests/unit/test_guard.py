@@ -1,5 +1,5 @@
-"""The break-even guard (``nanospec_vllm/guard.py``): the break-even model, the hysteresis rule, the lagged host
-flags, and the batch plan it feeds."""
+"""The break-even guard (``nanospec_vllm/guard.py``): the hysteresis rule, the lagged host flags, and the batch
+plan it feeds; and the offline break-even model that sets its threshold (``nanospec_vllm/tools/breakeven.py``)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from nanospec_vllm.config import NanoSpecConfigError, parse_config
-from nanospec_vllm.guard import CoverageGuard, GuardParams, break_even_coverage, guard_update, tau_of
+from nanospec_vllm.guard import CoverageGuard, GuardParams, guard_update
 from nanospec_vllm.step import plan_batch
+from nanospec_vllm.tools.breakeven import break_even_coverage, tau_of
 
 
 # ------------------------------------------------------------------------------------------------ break-even model
@@ -152,9 +153,12 @@ def test_tensor_parallel_ranks_take_the_same_copies(same_step_everywhere: bool) 
     assert gd.poll()[0] is True  # arrived: taken either way
 
 
-def test_disabled_by_default_and_validated() -> None:
+def test_on_by_default_off_at_zero_and_validated() -> None:
+    """The default is the shipped 0.89 (``configs/nanospec.yaml``); 0 turns the guard off."""
     cfg = parse_config({})
-    assert cfg.guard_coverage == 0.0 and not GuardParams(cfg.guard_coverage).enabled
+    assert cfg.guard_coverage == 0.89 and GuardParams(cfg.guard_coverage).enabled
+    off = parse_config({"guard_coverage": 0.0})
+    assert not GuardParams(off.guard_coverage).enabled
     with pytest.raises(NanoSpecConfigError, match="guard_coverage"):
         parse_config({"guard_coverage": 1.5})
     with pytest.raises(NanoSpecConfigError, match="guard_window"):

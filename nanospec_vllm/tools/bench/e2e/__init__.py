@@ -40,7 +40,7 @@ What it does:
 * **Break-even guard**: ``guarded_share`` (NanoSpec request draft steps the guard sent to the full head) and
   ``guard_fires`` come from the same counters; ``break_even_coverage`` (NanoSpec rows) is the coverage at which
   this configuration's step time and the full head's tau and step time of the same round give equal speed
-  (:func:`nanospec_vllm.guard.break_even_coverage`): the value to set ``guard_coverage`` to, measured with the
+  (:func:`nanospec_vllm.tools.breakeven.break_even_coverage`): the value to set ``guard_coverage`` to, measured with the
   guard off.
 * **OpenMP**: on CPU every engine gets the environment's Intel OpenMP (``libiomp5.so`` next to the interpreter)
   in ``LD_PRELOAD`` (``--iomp auto``, recorded in the header), as vLLM's CPU worker advises for speculative

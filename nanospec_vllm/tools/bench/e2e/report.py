@@ -8,7 +8,7 @@ import json
 import statistics
 from typing import Any
 
-from ....guard import break_even_coverage
+from ...breakeven import break_even_coverage
 
 METRICS = ("tokens_per_s", "tau", "accept_rate", "coverage", "mean_active", "draft_ms_per_step", "step_ms",
            "speed_vs_full_head", "speed_vs_no_spec", "guarded_share", "guard_fires", "break_even_coverage")
