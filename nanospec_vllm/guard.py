@@ -22,15 +22,17 @@ The host decides which rows draft with the sparse head, so it needs the flags: :
 only once its CUDA event has completed (``Event.query()``, never a wait); the plan of a step uses the newest
 flags that have arrived (on CPU: those of the previous step; on CUDA usually the same or one step older). A slot
 re-seeded after a copy was issued ignores that copy. Under tensor parallelism every copy issued so far is taken
-(``same_step_everywhere``), so all ranks plan alike. Cost per step: a few element-wise ops on ``[rows]`` and
-``[slots]`` tensors, one ``slots``-byte copy and one event (~60 us on the 2-core CPU with 256 slots); no host
-wait on a single rank.
+(``same_step_everywhere``), so all ranks plan alike. Folding an arrived copy into the host flags reads host
+memory only (the pinned ring row, through a NumPy view) and is vectorised over the slots: no per-slot Python loop.
+Cost per step: a few element-wise ops on ``[rows]`` and ``[slots]`` tensors on the device, one ``slots``-byte
+copy and one event, and a few NumPy ops on ``[slots]`` host arrays; no host wait on a single rank.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .hostcopy import LaggedHostCopies
@@ -70,8 +72,8 @@ def guard_update(covered: torch.Tensor, drafted: torch.Tensor, guarded: torch.Te
 class CoverageGuard:
     """Per-slot running coverage and guard flags on the device, with lagged host copies of the flags.
 
-    ``num_slots``: the pool's slot count. The host side (``flags``, ``fires``) is read by the runtime when it
-    plans a step; the device side is updated by :meth:`update` after each verification.
+    ``num_slots``: the pool's slot count. The host side (``flags``, ``fires``; NumPy arrays and counters in host
+    memory) is read by the runtime when it plans a step; the device side is updated by :meth:`update` after each verification.
 
     ``same_step_everywhere`` (tensor parallelism): every rank must plan the same rows for the sparse head (its
     ranks gather each other's scores), so :meth:`poll` takes every copy issued so far, waiting on its event if it
@@ -91,8 +93,8 @@ class CoverageGuard:
         self.guarded = torch.zeros(self.num_slots, dtype=torch.bool, device=self.device)
         self._copies = LaggedHostCopies(RING, self.num_slots, torch.uint8, self.device, self._fold)
         self._step = 0
-        self._seeded_at = [-1] * self.num_slots  # host step counter of each slot's last reset
-        self.flags = [False] * self.num_slots  # host view: the newest flags that have arrived
+        self._seeded_at = np.full(self.num_slots, -1, dtype=np.int64)  # host step counter of each slot's last reset
+        self._flags = np.zeros(self.num_slots, dtype=np.bool_)  # host view: the newest flags that have arrived
         self.fires = 0  # slots that went from sparse to full head (host view)
 
     def host_buffers(self) -> list[torch.Tensor]:
@@ -103,7 +105,7 @@ class CoverageGuard:
         self.covered[slot] = 0.0
         self.drafted[slot] = 0.0
         self.guarded[slot] = False
-        self.flags[slot] = False
+        self._flags[slot] = False
         self._seeded_at[slot] = self._step
 
     def update(self, slots: torch.Tensor, n: torch.Tensor, c: torch.Tensor) -> None:
@@ -119,6 +121,11 @@ class CoverageGuard:
         self._copies.push(self.guarded.to(torch.uint8), self._step)
         self._step += 1
 
+    @property
+    def flags(self) -> list[bool]:
+        """The host flags per slot: the newest that have arrived (host memory)."""
+        return self._flags.tolist()
+
     def poll(self) -> list[bool]:
         """Fold in every copy that has arrived (never waits), or every copy issued (``same_step_everywhere``);
         returns the host flags."""
@@ -126,12 +133,13 @@ class CoverageGuard:
         return self.flags
 
     def _fold(self, host: torch.Tensor, issued: int) -> None:
-        for slot, v in enumerate(host.tolist()):  # host memory, filled
-            if self._seeded_at[slot] > issued:
-                continue  # re-seeded after this copy was issued: the copy is about the previous request
-            if v and not self.flags[slot]:
-                self.fires += 1
-            self.flags[slot] = bool(v)
+        """One arrived copy (``host``: a filled row of the pinned ring, host memory) into the host flags, for
+        every slot at once. A slot re-seeded after the copy was issued keeps its flag: the copy is about the
+        previous request."""
+        new = host.numpy() != 0  # a view of host memory: no copy, no device read
+        take = self._seeded_at <= issued
+        self.fires += int(np.count_nonzero(new & take & ~self._flags))
+        np.copyto(self._flags, new, where=take)
 
     @staticmethod
     def describe(p: GuardParams) -> str:

@@ -124,6 +124,43 @@ def test_host_flags_arrive_one_step_later_and_reset_ignores_stale_copies() -> No
     assert gd.poll()[1] is False
 
 
+def test_host_flags_match_a_per_slot_model_over_random_steps() -> None:
+    """Random updates, re-seeds, stagings and polls (several copies in flight at once, re-seeds between them)
+    on 8 slots: the host flags and the fire count equal a slot-by-slot model of the fold, which takes a copy for
+    a slot only when the slot was not re-seeded after the copy was issued, and counts a fire on every off -> on."""
+    p = GuardParams(0.7, 0.1, window=2)
+    gd = CoverageGuard(8, torch.device("cpu"), p)
+    rng = random.Random(1)
+    step, seeded, flags, fires, stale = 0, [-1] * 8, [False] * 8, 0, 0
+    pending: list[tuple[list[bool], int]] = []  # the copies staged and not yet polled, with their step
+    for _ in range(400):
+        act = rng.random()
+        if act < 0.4:
+            slots = rng.sample(range(8), rng.randint(1, 8))
+            n = [rng.randint(0, 4) for _ in slots]
+            c = [rng.randint(0, x) if rng.random() < 0.6 else 0 for x in n]
+            gd.update(torch.tensor(slots), torch.tensor(n), torch.tensor(c))
+        elif act < 0.55:
+            s = rng.randrange(8)
+            gd.reset(s)
+            seeded[s], flags[s] = step, False
+        elif act < 0.8 and len(pending) < 3:  # the ring has 4 rows: never make stage() wait here
+            gd.stage()
+            pending.append((gd.guarded.tolist(), step))
+            step += 1
+        else:
+            for copy, issued in pending:
+                for s, v in enumerate(copy):
+                    if seeded[s] > issued:
+                        stale += v != flags[s]  # a copy that would change a re-seeded slot's flag
+                        continue
+                    fires += v and not flags[s]
+                    flags[s] = v
+            pending.clear()
+            assert gd.poll() == flags and gd.fires == fires
+    assert fires > 3 and stale > 0  # the run exercised fires and stale copies that had to be ignored
+
+
 class _SlowEvent:
     """A CUDA event stand-in whose copy has not completed until someone waits on it."""
 
