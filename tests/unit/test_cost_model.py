@@ -117,3 +117,14 @@ def test_sets_file_and_draw(tmp_path) -> None:
     assert sorted(map(tuple, rows[:4])) == sorted(map(tuple, sets))  # every request once before any repeats
     assert rows[4] in sets and rows[5] in sets
     assert (ids[counts[:, None] <= torch.arange(6)] == -1).all()
+
+
+def test_union_markdown_of_the_committed_run() -> None:
+    from pathlib import Path
+
+    from nanospec_vllm.tools.bench import kernels
+
+    data = json.loads((Path(__file__).resolve().parents[2] / "docs/benchmarks/union-cpu-real.json").read_text())
+    md = kernels.markdown(data)
+    assert md.count("| batch | distinct | sum of sets | union |") == 4  # one table per head
+    assert md.count("\n| 64 | 21 | 102,816 |") == 4 and "per_request |" in md
