@@ -22,7 +22,8 @@ reused at the others: the plan is kept with a weak reference to the step's conte
 Touches: reads the drafter's ``lm_head`` weight (often shared with the target; never modified) and the runtime's
 per-step context. Cost: the sparse head over ``sum(counts)`` rows instead of the full ``[B, V]`` projection; on
 the union path one gather of the union's rows per step (buffers kept between steps: ``6 x rows x H`` bytes) and
-one GEMM per position; under ``auto`` at batch >= 2 a union-size probe per step (a ``V``-byte map). No host
+one GEMM per position; under ``auto`` at batch >= 2, when the union path could win, a union-size probe every
+:data:`PROBE_EVERY` steps (a ``V``-byte map). No host
 synchronisation per draft position: a row whose set holds no draftable id is handled by a device-side select
 (``torch.where``) to a fallback id chosen once at binding (:meth:`SparseDraftHead.bind`).
 """
@@ -113,6 +114,8 @@ def _bind_shard(b: HeadBinding, lm_head: Any, org: int) -> HeadBinding:
 
 #: host copies of the step sizes in flight (a push waits only when the device is this many steps behind)
 SIZE_RING = 4
+#: under ``auto``, the union size is measured at most every this many steps
+PROBE_EVERY = 8
 
 
 class SparseDraftHead:
@@ -130,14 +133,18 @@ class SparseDraftHead:
         self._lagged = (0, 0, 0)  # (rows, sum of set sizes, union size) of the newest step read back; 0: none yet
         self._sizes = LaggedHostCopies(SIZE_RING, 3, torch.int64, torch.device(runtime.device), self._read_sizes)
         self._positions = 1  # draft positions per step (the proposer's num_speculative_tokens)
+        self._probes = 0  # steps where a union-size probe was due
+        self._union_share = 1.0  # union / sum of the sets at the last measurement (1.0: none yet)
 
     def host_buffers(self) -> list[torch.Tensor]:
         """Host memory the head reads (its lagged size copies)."""
         return [self._sizes.buf]
 
     def _read_sizes(self, host: torch.Tensor, meta: Any) -> None:
-        b, s, u = host.tolist()
-        self._lagged = (int(b), int(s), int(u))
+        b, s, u = (int(v) for v in host.tolist())
+        if u >= 0:  # a measured union: remember its share of the sum
+            self._union_share = u / max(1, s)
+        self._lagged = (b, s, max(1, round(s * self._union_share)) if u < 0 else u)
 
     def lagged_sizes(self, batch: int, width: int) -> tuple[int, int]:
         """``(sum of set sizes, union size)`` expected for ``batch`` rows, from the newest step read back: the sum
@@ -197,15 +204,26 @@ class SparseDraftHead:
             size = plan.size
         elif model is None:
             size = None
-        elif B > 1:  # measure the union for the next steps' choice
+        elif B > 1 and self._probe_due(model, B, H, Vw, S, ids.shape[1]):  # the union, for later steps' choice
             size = union_size(ids, counts, Vw, row_index, self._workspace)
-        else:  # one row: the union is its set
-            size = total
+        else:  # not measured this step (one row, not due, or the union path cannot win): -1
+            size = torch.full_like(total, -1)
         if size is not None:
             self._sizes.push(torch.stack([torch.full_like(total, B), total, size.long()]))
         self.path_steps[path] += 1
         self._step, self._path, self._plan = weakref.ref(ctx, self._forget), path, plan
         return path, plan
+
+    def _probe_due(self, model: cost.CostModel, B: int, H: int, Vw: int, S: int, width: int) -> bool:
+        """Measure the union this step? Only when the union path could win at all (with the smallest union the
+        sets allow, ``S / B``), and then every :data:`PROBE_EVERY` steps (the union changes slowly; the last
+        measurement is reused in between)."""
+        lo = max(1, S // B)
+        z = cost.StepSizes(B, H, Vw, S, lo, positions=self._positions)
+        if cost.choose(model, z, cost.union_bucket(lo, B, width, Vw)) != "union":
+            return False
+        self._probes += 1
+        return self._probes % PROBE_EVERY == 1 or PROBE_EVERY == 1
 
     def _forget(self, ref: Any) -> None:
         """The step's context is gone: drop its plan (the buffers stay in the workspace)."""

@@ -75,6 +75,27 @@ def test_union_rows_are_gathered_once_per_step(monkeypatch) -> None:
     assert rt.head._plan is None  # the last step's context is gone, and its plan with it
 
 
+def test_auto_probes_the_union_only_when_it_could_pay(monkeypatch) -> None:
+    calls = []
+    real = head_mod.union_size
+    monkeypatch.setattr(head_mod, "union_size", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(head_mod, "PROBE_EVERY", 2)
+    monkeypatch.setattr(cost, "model_for", lambda dev: DENSE_ONLY)  # the union path can never win
+    _drafts({"kernel": "auto"}, "cpu", True, steps=3)
+    assert calls == []
+    # the rule itself: due only when the union could win with the smallest union the sets allow (S / B), and then
+    # every PROBE_EVERY-th time
+    h = head_mod.SparseDraftHead.__new__(head_mod.SparseDraftHead)
+    h._positions, h._probes = 1, 0
+    close = cost.CostModel((0.0, 1.0), (1e12, 0.0, 0.0), (0.0, 0.0, 0.0), (0.0, 0.0, 0.5), "test")
+    # S = 100,000 over 64 rows: smallest union 1,562 -> buffer 3,072: union 0.5 * 64 * 3,072 * 896 = 88.1M us
+    # against per-request 100,000 * 896 = 89.6M us: the union could win
+    assert [h._probe_due(close, 64, 896, 151_936, 100_000, 3072) for _ in range(4)] == [True, False, True, False]
+    # with 40,000 ids (smallest union 625 -> buffer 1,536: 44.0M us) the per-request kernel (35.8M) wins: not measured
+    assert not h._probe_due(close, 64, 896, 151_936, 40_000, 3072)
+    assert not h._probe_due(DENSE_ONLY, 64, 896, 151_936, 100_000, 3072)
+
+
 def test_auto_reads_the_lagged_sizes(monkeypatch) -> None:
     """``auto`` decides from the sizes of the steps before: the first step assumes full, disjoint sets; later
     steps use what was copied back (on CPU, the previous step's)."""
@@ -92,6 +113,10 @@ def test_auto_reads_the_lagged_sizes(monkeypatch) -> None:
 
 def test_lagged_size_scaling() -> None:
     h = head_mod.SparseDraftHead.__new__(head_mod.SparseDraftHead)
+    h._lagged, h._union_share = (0, 0, 0), 1.0
+    h._read_sizes(torch.tensor([8, 8000, 2000]), None)  # measured: a quarter of the sum
+    h._read_sizes(torch.tensor([8, 12000, -1]), None)  # not measured: the last share of the new sum
+    assert h._lagged == (8, 12000, 3000)
     h._lagged = (0, 0, 0)
     assert h.lagged_sizes(4, 100) == (400, 400)
     h._lagged = (8, 8000, 3000)
