@@ -5,6 +5,14 @@
 
 from __future__ import annotations
 
-from ..config import configs_dir  # lives in the core: the runtime's `hot_set_path: auto` looks there too
+from pathlib import Path
 
 __all__ = ["configs_dir"]
+
+
+def configs_dir() -> Path:
+    """The shipped ``configs/`` folder (:func:`nanospec_vllm.config.configs_dir`, where the runtime's
+    ``hot_set_path: auto`` looks too). Imported on call: ``nanospec bench kernels`` must import with torch alone."""
+    from ..config import configs_dir as find
+
+    return find()
