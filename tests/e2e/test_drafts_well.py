@@ -36,8 +36,8 @@ def workdir(tmp_path_factory):
 def all_ids(workdir):
     p = workdir / "all-ids.txt"
     p.write_text("\n".join(str(i) for i in range(V)))
-    return {"hot_set_path": str(p), "capacity": V + 1, "target_topk": 0, "dense_fallback_ratio": 1e-6,
-            "always_active_special_ids": False}
+    return {"hot_set_path": str(p), "hot_set_size": None, "capacity": V + 1, "target_topk": 0,
+            "dense_fallback_ratio": 1e-6, "always_active_special_ids": False, "guard_coverage": 0}
 
 
 def _accepted(res: dict) -> tuple[int, int]:
