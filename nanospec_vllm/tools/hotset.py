@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["main", "rank_ids", "write_hot_set"]
+__all__ = ["main", "rank_ids", "tokenizer_check_header", "write_hot_set"]
 
 
 def rank_ids(primary: Iterable[int], secondary: Iterable[int], vocab_size: int, size: int) -> list[int]:
@@ -34,6 +35,17 @@ def rank_ids(primary: Iterable[int], secondary: Iterable[int], vocab_size: int, 
         have = set(out)
         out += [i for i in range(vocab_size) if i not in have][: size - len(out)]
     return out
+
+
+def tokenizer_check_header(tok, ids: Sequence[int]) -> str:
+    """The ``tokenizer-check: {id: token}`` header line (without ``# ``) that ``hot_set_path: auto`` matches against
+    a target's tokenizer (:func:`nanospec_vllm.config.shipped_hot_set`): the first 8 hot ids, 5 ids spread over the
+    tokenizer's whole range (tokenizers of one family share their first merges) and its EOS id."""
+    n = len(tok)
+    check = list(dict.fromkeys([*ids[:8], *(n * k // 6 for k in range(1, 6)), *([tok.eos_token_id] if
+                                                                               tok.eos_token_id is not None else [])]))
+    tokens = tok.convert_ids_to_tokens(check)
+    return "tokenizer-check: " + json.dumps({str(i): t for i, t in zip(check, tokens)}, ensure_ascii=True)
 
 
 def write_hot_set(path: str | Path, ids: Sequence[int], header: Sequence[str]) -> None:
@@ -65,8 +77,6 @@ def main(argv: list[str] | None = None) -> int:
                   args.per_family)
     items = build_cache(target, draft, rows, args.max_tokens, log=lambda m: print(m, file=sys.stderr, flush=True))
     cont = [int(t) for it in items for t in it["y"]]
-    import json
-
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(target))
@@ -86,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         f"text): {len(cont)} generated tokens, {n_seen} distinct ids."),
         ("Rank: count in those continuations, then count in the tokens of "
         f"{len(text_rows)} calibration prompts (same seed; {len(prompt_toks)} tokens), then lower id first."),
+        tokenizer_check_header(tok, ids),
     ]
     write_hot_set(args.out, ids, header)
     print(args.out)

@@ -66,3 +66,31 @@ def test_no_import_circle_between_hotset_and_the_coverage_replay():
         mods = _imports(tools / "bench" / f"{name}.py")
         assert not {"nanospec_vllm.tools.hotset", "nanospec_vllm.tools.bench.coverage"} & mods, (name, mods)
     assert "nanospec_vllm.tools.hotset" in _imports(tools / "bench" / "coverage.py")
+
+
+def test_tokenizer_check_header_is_what_auto_matches(tmp_path, monkeypatch) -> None:
+    """A hot set written with the header is found by `hot_set_path: auto` for that tokenizer and no other."""
+    from nanospec_vllm.config import shipped_hot_set, tokenizer_check
+    from nanospec_vllm.tools.hotset import tokenizer_check_header, write_hot_set
+
+    class Tok:
+        eos_token_id = 99
+
+        def __init__(self, shift: int = 0) -> None:
+            self.shift = shift
+
+        def __len__(self) -> int:
+            return 120
+
+        def convert_ids_to_tokens(self, ids):
+            return [f"t{i + self.shift}" for i in ids]
+
+    hot = tmp_path / "hot"
+    (tmp_path / "nanospec.yaml").write_text("method: draft_model\n")
+    ids = [5, 7, 9, 11, 13, 15, 17, 19, 21]
+    write_hot_set(hot / "toy.txt", ids, ["toy", tokenizer_check_header(Tok(), ids)])
+    check = tokenizer_check(hot / "toy.txt")
+    assert list(check) == [5, 7, 9, 11, 13, 15, 17, 19, 20, 40, 60, 80, 100, 99]
+    monkeypatch.setenv("NANOSPEC_CONFIGS", str(tmp_path))
+    assert shipped_hot_set(Tok()) == str(hot / "toy.txt")
+    assert shipped_hot_set(Tok(shift=1)) is None
