@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["configs_dir"]
+__all__ = ["configs_dir", "mem_available"]
 
 
 def configs_dir() -> Path:
@@ -16,3 +16,15 @@ def configs_dir() -> Path:
     from ..config import configs_dir as find
 
     return find()
+
+
+def mem_available() -> int | None:
+    """``MemAvailable`` (free + reclaimable page cache) from /proc/meminfo in bytes; None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

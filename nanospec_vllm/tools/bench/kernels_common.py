@@ -16,6 +16,7 @@ import torch
 
 from ... import __version__
 from ...ops import native
+from .. import mem_available
 
 #: (hidden, vocab rows) of the benchmarked heads (random bf16 weights of these shapes)
 HEADS = {"qwen2.5-0.5b": (896, 151_936), "llama-3.1-8b": (4096, 128_256), "qwen2.5-1.5b": (1536, 151_936),
@@ -229,13 +230,3 @@ def _randn_bf16_chunked(rows: int, cols: int, gen: torch.Generator, chunk: int =
     return out
 
 
-def mem_available() -> int | None:
-    """``MemAvailable`` (free + reclaimable page cache) from /proc/meminfo in bytes; None where there is none."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None

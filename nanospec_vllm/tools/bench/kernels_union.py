@@ -33,6 +33,7 @@ import torch
 from ... import ops
 from ...ops import cost, native, triton_kernels
 from ...ops.union import prepare_union, union_raw, union_size
+from .. import mem_available
 from .kernels_common import (
     HEADS,
     Row,
@@ -41,7 +42,6 @@ from .kernels_common import (
     _header,
     _randn_bf16_chunked,
     _random_ids,
-    mem_available,
 )
 
 __all__ = ["UNION_BATCHES", "UNION_HEADS", "fit_rows", "load_sets", "run_union", "union_markdown"]
