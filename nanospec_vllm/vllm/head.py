@@ -266,6 +266,7 @@ class SparseDraftHead:
         if ctx.active is None:  # first draft position: the sets do not change until the next verification
             ctx.active = rt.pool.active(ctx.slots[on])
             rt.stats.record_sizes(ctx.active[1])
+        rt.stats.sparse_rows += len(ctx.plan.on_rows)  # host-known: the rows this position's sparse head scores
         if greedy:
             return self._greedy(proposer, hidden), None
         return self._probabilistic(proposer, hidden, sampling_metadata)

@@ -66,6 +66,7 @@ def test_every_id_active_accepts_exactly_as_the_full_head(method, qwen05b, promp
         f"{method}: every id active accepted {acc_every}/{drafts_every}, the full head {acc_full}/{drafts_full}")
     tot = every["pool"][0]["totals"]
     assert tot["target"] > 0 and tot["covered"] == tot["target"], "with every id active nothing can be missed"
+    assert tot["sparse_rows"] > 0 and tot["fallback"] == 0, tot  # NanoSpec's head drafted them, not vLLM's
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,9 @@ def test_switch_off_moves_no_nanospec_counter(on_off):
     assert on["tokens"] == off["tokens"]
     t_on, t_off = on["pool"][0]["totals"], off["pool"][0]["totals"]
     assert t_off["size_n"] == 0 and t_off["target"] == 0, "an off request must get no slot and count nothing"
+    assert t_off["sparse_rows"] == 0, "no row may reach the sparse head when every request is off"
     assert t_on["size_n"] > 0 and t_on["target"] > 0, "an on request must draft from a set and count coverage"
+    assert t_on["sparse_rows"] > 0 and t_on["fallback"] == 0, t_on  # the sparse head drafted, never handed back
 
 
 def test_default_policy_coverage_and_acceptance(on_off):

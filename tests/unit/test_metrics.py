@@ -28,21 +28,23 @@ def test_step_stats_drain_counts_and_resets():
     st.planned += 3
     st.guarded += 2
     st.guard_fires += 1
+    st.sparse_rows += 6
     p = st.drain(pool, "native")
     assert p == {"slots_in_use": 1, "sizes": [8, 4], "target": 7, "covered": 5, "dropped_live": 12, "no_slot": 0,
-                 "fallback": 1, "planned": 3, "guarded": 2, "guard_fires": 1, "impl": "native"}
+                 "fallback": 1, "planned": 3, "guarded": 2, "guard_fires": 1, "sparse_rows": 6, "impl": "native"}
     q = st.drain(pool, "native")
     assert q["target"] == 0 and q["sizes"] == [] and q["fallback"] == 0 and q["guarded"] == 0
-    assert st.totals["guarded"] == 2 and st.totals["planned"] == 3
+    assert q["sparse_rows"] == 0
+    assert st.totals["guarded"] == 2 and st.totals["planned"] == 3 and st.totals["sparse_rows"] == 6
 
 
 def test_merge_payloads_sums_counters_keeps_latest_gauges():
     a = {"slots_in_use": 3, "sizes": [1, 2], "target": 4, "covered": 1, "dropped_live": 0, "no_slot": 0,
          "fallback": 0, "impl": "torch"}
     b = {"slots_in_use": 1, "sizes": [5], "target": 6, "covered": 6, "dropped_live": 2, "no_slot": 1,
-         "fallback": 2, "planned": 4, "guarded": 3, "guard_fires": 1, "impl": "torch"}
-    m = merge_payloads([a, {}, {"guarded": 1}, b])
-    assert m["guarded"] == 4 and m["planned"] == 4 and m["guard_fires"] == 1
+         "fallback": 2, "planned": 4, "guarded": 3, "guard_fires": 1, "sparse_rows": 5, "impl": "torch"}
+    m = merge_payloads([a, {}, {"guarded": 1, "sparse_rows": 2}, b])
+    assert m["guarded"] == 4 and m["planned"] == 4 and m["guard_fires"] == 1 and m["sparse_rows"] == 7
     assert m["slots_in_use"] == 1 and m["sizes"] == [1, 2, 5] and m["target"] == 10 and m["covered"] == 7
     assert m["fallback"] == 2 and m["no_slot"] == 1 and m["dropped_live"] == 2
     assert merge_payloads([]) is None
@@ -81,7 +83,7 @@ def test_attach_merges_and_take_empties():
 
 # ---------------------------------------------------------------- the transport, through vLLM's real classes
 PAYLOAD = {"slots_in_use": 2, "sizes": [100, 300], "target": 10, "covered": 8, "dropped_live": 0, "no_slot": 0,
-           "planned": 2, "guarded": 1, "guard_fires": 1,
+           "planned": 2, "guarded": 1, "guard_fires": 1, "sparse_rows": 0,
            "fallback": 0, "impl": "native"}
 EC_STATS = {"num_loads": 3, "bytes": [1, 2]}  # what an EC connector would report (ECConnectorStats.data)
 

@@ -74,6 +74,8 @@ def test_head_routes_rows_and_matches_dense_argmax() -> None:
     assert rt.head.sample(proposer, torch.randn(5, H), NS(all_greedy=True)) is None
     rt.end_step()
     assert rt.head.sample(proposer, hidden, NS(all_greedy=True)) is None  # outside a step: not mine
+    # counted: one sparse row (a; b is off) at the one position it drafted, one hand-back (parallel drafting)
+    assert (rt.stats.totals["sparse_rows"], rt.stats.totals["fallback"]) == (1, 1)
 
 
 def test_every_id_active_drafts_the_full_heads_tokens() -> None:

@@ -39,6 +39,8 @@ class FrontendMetrics:
         self.guarded = Counter("nanospec_guarded_drafts",
                                "Request draft steps the break-even guard sent to the full head (guard_coverage)")
         self.guard_fires = Counter("nanospec_guard_fires", "Times a request went from the sparse to the full head")
+        self.sparse_rows = Counter("nanospec_sparse_rows",
+                                   "Request rows the sparse head scored, summed over draft positions")
         self.kernel = Gauge("nanospec_kernel", "Sparse head implementation in use (1 = this impl)", ["impl"],
                             multiprocess_mode="mostrecent")
         # since the last log line
@@ -74,6 +76,8 @@ class FrontendMetrics:
             self.guarded.inc(p["guarded"])
         if p.get("guard_fires"):
             self.guard_fires.inc(p["guard_fires"])
+        if p.get("sparse_rows"):
+            self.sparse_rows.inc(p["sparse_rows"])
         self.win_planned += p.get("planned", 0)
         self.win_guarded += p.get("guarded", 0)
         self.win_sizes += sum(p.get("sizes", []))

@@ -30,9 +30,10 @@ __all__ = ["HOST_COUNTERS", "StepStats"]
 MAX_IN_FLIGHT = 8
 _HEAD = 3  # target, covered, dropped; then the sizes
 #: host-side per-step counters: requests that got no slot, draft calls handed to vLLM's head (parallel drafting,
-#: soft cap), NanoSpec rows planned for drafting, those of them the break-even guard sent to the full head, and
-#: guard trips (a request going from the sparse to the full head)
-HOST_COUNTERS = ("no_slot", "fallback", "planned", "guarded", "guard_fires")
+#: soft cap), NanoSpec rows planned for drafting, those of them the break-even guard sent to the full head, guard
+#: trips (a request going from the sparse to the full head), and rows the sparse head scored (summed over draft
+#: positions: the proof, per run and per rank, that NanoSpec drafted)
+HOST_COUNTERS = ("no_slot", "fallback", "planned", "guarded", "guard_fires", "sparse_rows")
 
 
 class StepStats:
@@ -55,6 +56,7 @@ class StepStats:
         self.planned = 0
         self.guarded = 0
         self.guard_fires = 0
+        self.sparse_rows = 0
         self.reset()
 
     def reset(self) -> None:
