@@ -50,6 +50,26 @@ class _Layer(nn.Module):
         self.post_attention_layernorm.weight = nn.Parameter(torch.ones(h))
 
 
+def attend(a: nn.Module, xin: torch.Tensor, pos: torch.Tensor, keys: list[torch.Tensor],
+           values: list[torch.Tensor], mask: torch.Tensor | None, rope) -> torch.Tensor:
+    """The attention of one EAGLE decoder layer (EAGLE-1 and EAGLE-3 heads): q/k/v of ``xin`` [t, *], ``rope`` at
+    ``pos``, this pass's keys/values appended to ``keys``/``values``; ``mask`` [t, all keys] (None: causal over
+    this pass only). Returns ``o_proj`` of the attention output, [t, H]."""
+    t = xin.shape[0]
+    q = a.q_proj(xin).view(t, a.nh, a.hd).transpose(0, 1)
+    k = a.k_proj(xin).view(t, a.nkv, a.hd).transpose(0, 1)
+    v = a.v_proj(xin).view(t, a.nkv, a.hd).transpose(0, 1)
+    q, k = rope(q, pos), rope(k, pos)
+    keys.append(k)
+    values.append(v)
+    if mask is None:
+        o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)[0]
+    else:
+        kk, vv = torch.cat(keys, dim=1), torch.cat(values, dim=1)
+        o = F.scaled_dot_product_attention(q[None], kk[None], vv[None], attn_mask=mask, enable_gqa=True)[0]
+    return a.o_proj(o.transpose(0, 1).reshape(t, a.nh * a.hd))
+
+
 def _rope_theta(cfg: dict) -> float:
     rp = cfg.get("rope_parameters") or {}
     if rp.get("rope_type", "default") not in ("default", None):
@@ -84,19 +104,7 @@ class EagleHead(nn.Module):
         appended to ``keys``/``values``; ``mask`` [n, all keys] (None: causal over this pass only)."""
         layer = self.layers[0]
         a = layer.self_attn
-        t = x.shape[0]
-        q = a.q_proj(x).view(t, a.nh, a.hd).transpose(0, 1)
-        k = a.k_proj(x).view(t, a.nkv, a.hd).transpose(0, 1)
-        v = a.v_proj(x).view(t, a.nkv, a.hd).transpose(0, 1)
-        q, k = self._rope(q, pos), self._rope(k, pos)
-        keys.append(k)
-        values.append(v)
-        if mask is None:
-            o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)[0]
-        else:
-            kk, vv = torch.cat(keys, dim=1), torch.cat(values, dim=1)
-            o = F.scaled_dot_product_attention(q[None], kk[None], vv[None], attn_mask=mask, enable_gqa=True)[0]
-        r = x + a.o_proj(o.transpose(0, 1).reshape(t, a.nh * a.hd))
+        r = x + attend(a, x, pos, keys, values, mask, self._rope)
         rf = r.float()
         n = (rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + self.eps)).to(r.dtype)
         n = n * layer.post_attention_layernorm.weight.to(r.dtype)

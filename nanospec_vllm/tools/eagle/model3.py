@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import _Mlp, _rope_theta
+from .model import _Mlp, _rope_theta, attend
 
 __all__ = ["Eagle3Head", "eagle3_loss"]
 
@@ -93,20 +93,8 @@ class Eagle3Head(nn.Module):
         ``values``; ``mask`` [n, all keys] bool (None: causal over this pass only)."""
         m = self.midlayer
         a = m.self_attn
-        t = x.shape[0]
         xin = torch.cat([m.input_layernorm(e), m.hidden_norm(x)], dim=-1)
-        q = a.q_proj(xin).view(t, a.nh, a.hd).transpose(0, 1)
-        k = a.k_proj(xin).view(t, a.nkv, a.hd).transpose(0, 1)
-        v = a.v_proj(xin).view(t, a.nkv, a.hd).transpose(0, 1)
-        q, k = self._rope(q, pos), self._rope(k, pos)
-        keys.append(k)
-        values.append(v)
-        if mask is None:
-            o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)[0]
-        else:
-            kk, vv = torch.cat(keys, dim=1), torch.cat(values, dim=1)
-            o = F.scaled_dot_product_attention(q[None], kk[None], vv[None], attn_mask=mask, enable_gqa=True)[0]
-        r = x + a.o_proj(o.transpose(0, 1).reshape(t, a.nh * a.hd))
+        r = x + attend(a, xin, pos, keys, values, mask, self._rope)
         n = m.post_attention_layernorm(r)
         pre = r + m.mlp.down_proj(F.silu(m.mlp.gate_proj(n)) * m.mlp.up_proj(n))
         return self.norm(pre), pre
