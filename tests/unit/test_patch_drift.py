@@ -26,9 +26,11 @@ FIELD_PATCHES = [p for p in PATCHES if p.expect_params is None]
 
 
 def _original(patch: Patch) -> Any:
-    """vLLM's own object (the saved original when the patch is applied in this process)."""
+    """vLLM's own object (the saved original when the patch is applied in this process), read statically: through
+    the class a saved ``staticmethod`` would come back as its plain function (the suite applies the register in
+    earlier tests, so this test must not depend on order)."""
     owner, attr, current = patch.resolve()
-    return getattr(owner, f"_nanospec_orig_{attr}", current)
+    return inspect.getattr_static(owner, f"_nanospec_orig_{attr}", current)
 
 
 def param_spec(fn: Any, follow_wrapped: bool = True) -> list[tuple[str, str, Any]]:
