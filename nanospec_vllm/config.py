@@ -195,13 +195,25 @@ def check_tensor_parallel(tensor_parallel_size: int) -> None:
         raise NanoSpecConfigError(f"nanospec: tensor_parallel_size must be an integer >= 1, got {tensor_parallel_size!r}")
 
 
-def check_engine(method: Any, tensor_parallel_size: int = 1, heterogeneous_vocab: bool = False) -> str:
+#: vLLM's verifiers that keep the target's output distribution (greedy: its argmax) whatever the drafts are.
+#: ``synthetic`` accepts drafts at a configured rate and ``fly`` (vLLM 0.33) is lossy by design: under either,
+#: NanoSpec's promise (output unchanged) does not hold, so an engine with a ``nanospec`` block refuses them.
+LOSSLESS_REJECTION_METHODS = ("standard", "block")
+
+
+def check_engine(method: Any, tensor_parallel_size: int = 1, heterogeneous_vocab: bool = False,
+                 rejection_sample_method: Any = "standard") -> str:
     """The engine settings NanoSpec supports; raises :class:`NanoSpecConfigError` naming the one that is not.
     Called in the front end (start-up error) and in the worker (engines built without the front-end patch)."""
     if method not in SUPPORTED_METHODS:
         raise NanoSpecConfigError(
             f"nanospec: speculative method {method!r} is not supported (allowed: {', '.join(SUPPORTED_METHODS)}); "
             "remove the `nanospec` block or change `method`")
+    if rejection_sample_method not in LOSSLESS_REJECTION_METHODS:
+        raise NanoSpecConfigError(
+            f"nanospec: rejection_sample_method {rejection_sample_method!r} changes the target's output (allowed "
+            f"with NanoSpec: {', '.join(LOSSLESS_REJECTION_METHODS)}); NanoSpec only promises an unchanged output "
+            "under a lossless verifier: remove `rejection_sample_method` or the `nanospec` block")
     check_tensor_parallel(tensor_parallel_size)
     if heterogeneous_vocab:
         raise NanoSpecConfigError("nanospec: draft models with a heterogeneous vocabulary are not supported yet")

@@ -183,7 +183,8 @@ class NanoSpecRuntime:
     def __init__(self, runner: Any, cfg: NanoSpecConfig) -> None:
         spec = runner.speculative_config
         self.method = check_engine(getattr(spec, "method", None), runner.parallel_config.tensor_parallel_size,
-                                   getattr(spec, "use_heterogeneous_vocab", False))
+                                   getattr(spec, "use_heterogeneous_vocab", False),
+                                   getattr(spec, "rejection_sample_method", "standard"))
         self.cfg = cfg
         self.device = torch.device(runner.device)
         self.vocab_size = int(runner.model_config.get_vocab_size())

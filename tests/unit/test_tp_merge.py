@@ -334,3 +334,14 @@ def test_engine_check_accepts_tensor_parallel() -> None:
     for bad in (0, -1):
         with pytest.raises(NanoSpecConfigError, match="tensor_parallel_size"):
             check_tensor_parallel(bad)
+
+
+@pytest.mark.parametrize("method", ["synthetic", "fly"])
+def test_engine_check_refuses_lossy_verification(method) -> None:
+    """vLLM's ``synthetic`` and (0.33) ``fly`` verifiers change the output; NanoSpec's promise needs a lossless one."""
+    from nanospec_vllm.config import NanoSpecConfigError, check_engine
+
+    for ok in ("standard", "block"):
+        assert check_engine("eagle", 1, False, ok) == "eagle"
+    with pytest.raises(NanoSpecConfigError, match=f"rejection_sample_method '{method}'"):
+        check_engine("eagle", 1, False, method)

@@ -196,7 +196,8 @@ def _make_create_speculative_config(orig: Any) -> Any:
             # the two defaults below serve the stand-ins of tests/unit/test_v2_runner.py; on real vLLM objects
             # tests/unit/test_vllm_reads.py checks both attributes exist (patches/reads.py)
             method = check_engine(result.method, target_parallel_config.tensor_parallel_size,
-                                  bool(getattr(result, "use_heterogeneous_vocab", False)))
+                                  bool(getattr(result, "use_heterogeneous_vocab", False)),
+                                  getattr(result, "rejection_sample_method", "standard"))
             vocab = getattr(target_model_config, "get_vocab_size", None)
             if vocab is not None:
                 check_against_target(ns, int(vocab()), method, result.model)

@@ -38,6 +38,7 @@ VLLM_READS: tuple[Read, ...] = (
     Read("vllm.config.parallel:ParallelConfig", "tensor_parallel_size", "patch_arg_utils, runtime"),
     Read(_SPEC, "method", "patch_arg_utils, runtime"),
     Read(_SPEC, "use_heterogeneous_vocab", "patch_arg_utils (getattr: test stand-ins lack it), runtime"),
+    Read(_SPEC, "rejection_sample_method", "patch_arg_utils, runtime (getattr: test stand-ins lack it)"),
     Read(_SPEC, "model", "patch_arg_utils"),
     Read("vllm.config.model:ModelConfig", "get_vocab_size", "patch_arg_utils (getattr: test stand-ins lack it)"),
     Read("vllm.sampling_params:SamplingParams", "extra_args", "patch_sampling_params, config.request_enabled"),
