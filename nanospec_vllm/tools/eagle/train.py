@@ -55,14 +55,14 @@ from pathlib import Path
 import torch
 
 from ..assets import cache_root, model_path
+from .card import CARD_FORMAT, card_md, special_ids, write_random_head
 from .data import extract_features, generate, load_features, split_prompts
 from .engine import run_job, summarize
 from .format import head_config, write_head
 from .format3 import check_tensors3, draft_vocab, eagle3_config
-from .model import EagleHead, candidate_ids, eagle_loss
-from .model3 import Eagle3Head, eagle3_loss
-
-CARD_FORMAT = 1
+from .model import EagleHead
+from .model3 import Eagle3Head
+from .steps import Sampler, Vocab3, measure_equivalence, micro
 
 
 def resolve_target(target: str) -> tuple[str, Path]:
@@ -106,136 +106,6 @@ def _settings(a: argparse.Namespace) -> dict:
             **({"selfprompts": a.selfprompts} if "selfprompt" in a.data.split(",") else {})}
 
 
-class _Sampler:
-    """Deterministic stream of sample indices (reshuffled every epoch) grouped into ~``tokens`` per step."""
-
-    def __init__(self, lengths: list[int], tokens: int, seed: int):
-        self.lengths, self.tokens = lengths, tokens
-        self.g = torch.Generator().manual_seed(seed)
-        self.order: list[int] = []
-        self.epoch = -1
-        self.seen = 0
-
-    def step(self) -> list[int]:
-        out, n = [], 0
-        while n < self.tokens:
-            if not self.order:
-                self.order = torch.randperm(len(self.lengths), generator=self.g).tolist()
-                self.epoch += 1
-            i = self.order.pop()
-            out.append(i)
-            n += self.lengths[i]
-        self.seen += n
-        return out
-
-
-def _sample_tensors(feats: dict, i: int, emb: torch.Tensor, max_len: int):
-    s, e = int(feats["offsets"][i]), int(feats["offsets"][i + 1])
-    e = min(e, s + max_len + 1)
-    ids, f = feats["ids"][s:e], feats["features"][s:e]
-    # position j: input (embed(t[j+1]), f[j]); target f[j+1]
-    return emb[ids[1:]], f[:-1], f[1:], torch.arange(e - s - 1), ids
-
-
-class _Vocab3:
-    """What an EAGLE-3 step needs besides the head: the target's lm_head rows of the draft vocabulary
-    (``target_w``, frozen; also the head's lm_head when it has none of its own) and target id -> draft row
-    (``row_of``; -1: not in the draft vocabulary; None: the full vocabulary)."""
-
-    def __init__(self, lm_head: torch.Tensor, vocab: dict | None):
-        self.full = vocab is None
-        self.target_w = lm_head if vocab is None else lm_head[vocab["ids"]].contiguous()
-        self.rows = self.target_w.shape[0]
-        self.row_of = None
-        if vocab is not None:
-            self.row_of = torch.full((lm_head.shape[0],), -1, dtype=torch.int64)
-            self.row_of[vocab["ids"]] = torch.arange(len(vocab["ids"]))
-
-
-def _micro3(head: Eagle3Head, feats, i, emb, ctx: _Vocab3, a, g, full: bool = False) -> dict[str, torch.Tensor]:
-    """EAGLE-3 loss on one sample: position j has input (embed(t[j+1]), aux[j]) and target the target's
-    distribution at j+1 (final feature f[j+1]); draft step s (training-time test) predicts j+1+s."""
-    s, e = int(feats["offsets"][i]), int(feats["offsets"][i + 1])
-    e = min(e, s + a.max_len + 1)
-    ids = feats["ids"][s:e]
-    aux, fout, em = feats["aux"][s:e - 1].float(), feats["features"][s + 1:e], emb[ids[1:]].float()
-    pos = torch.arange(e - s - 1)
-    labels = torch.cat([ids[2:], ids.new_full((1,), -1)])  # the next token at each position (-1: beyond the end)
-    if ctx.full:
-        mask = labels >= 0
-        rows = labels[mask]
-    else:
-        rows = torch.where(labels >= 0, ctx.row_of[labels.clamp(min=0)], -1)
-        mask = rows >= 0
-        rows = rows[mask]
-    unroll = max(1, a.unroll)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
-        preds = head.forward_unrolled(em, aux, pos, unroll)
-    cand = None if full else candidate_ids(rows, ctx.rows, a.neg, g)
-    head_w = ctx.target_w if getattr(head, "lm_head", None) is None else head.lm_head.weight
-    out = eagle3_loss(preds[0].float(), fout, head_w, ctx.target_w, cand, mask)
-    if len(preds) > 1:  # extra draft steps, weighted 0.5^s as in EAGLE-1's --unroll
-        out = dict(out)
-        for k, pred in enumerate(preds[1:], start=1):
-            r = eagle3_loss(pred.float(), fout[k:], head_w, ctx.target_w, cand, mask[k:])
-            out["loss"] = out["loss"] + 0.5 ** k * r["loss"]
-            out[f"acc{k + 1}"] = r["acc"]
-    return out
-
-
-def _micro(head, feats, i, emb, lm_head, a, g, full: bool = False) -> dict[str, torch.Tensor]:
-    if isinstance(head, Eagle3Head):
-        return _micro3(head, feats, i, emb, lm_head, a, g, full)
-    e, fin, fout, pos, ids = _sample_tensors(feats, i, emb, a.max_len)
-    fin = fin.float()
-    if a.noise > 0:
-        fin = fin + (torch.rand(fin.shape, generator=g) - 0.5) * (2 * a.noise)
-    unroll = max(1, getattr(a, "unroll", 1))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
-        preds = head.forward_unrolled(e.float(), fin, pos, unroll) if unroll > 1 else [head(e.float(), fin, pos)]
-    cand = None if full else candidate_ids(ids[2:], lm_head.shape[0], a.neg, g)
-    out = eagle_loss(preds[0].float(), fout.float(), lm_head, a.ce_weight, cand)
-    if len(preds) > 1:  # extra draft steps, weighted 0.5^s: the first draft position matters most
-        tot = {k: v * 1.0 for k, v in out.items()}
-        for s, pred in enumerate(preds[1:], start=1):
-            r = eagle_loss(pred.float(), fout[s:].float(), lm_head, a.ce_weight, cand)
-            tot["loss"] = tot["loss"] + 0.5 ** s * r["loss"]
-            tot[f"acc{s + 1}"] = r["acc"]
-        out = tot
-    return out
-
-
-def _grad_vector(head) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for p in head.parameters() if p.grad is not None])
-
-
-def measure_equivalence(head, feats, idx, emb, lm_head, a, seed: int) -> dict:
-    """Loss and gradient of the restricted vs the full-vocabulary cross-entropy on the same samples.
-
-    Samples are cut to 256 positions and the feature noise is off, so both losses see the same inputs and the
-    full-vocabulary logits stay small in memory (~150 MB per sample).
-    """
-    a = argparse.Namespace(**dict(vars(a), max_len=min(a.max_len, 256), noise=0.0))
-    out = {}
-    for full in (True, False):
-        head.zero_grad(set_to_none=True)
-        g = torch.Generator().manual_seed(seed)
-        tot = {"ce": 0.0, "acc": 0.0}
-        t0 = time.perf_counter()
-        for i in idx:
-            r = _micro(head, feats, i, emb, lm_head, a, g, full=full)
-            (r["ce"] / len(idx)).backward()
-            tot["ce"] += r["ce"].item() / len(idx)
-            tot["acc"] += r["acc"].item() / len(idx)
-        key = "full" if full else "restricted"
-        out[key] = dict(tot, wall_s=time.perf_counter() - t0, grad=_grad_vector(head).clone())
-    gf, gr = out["full"].pop("grad"), out["restricted"].pop("grad")
-    out["grad_cosine"] = float(torch.nn.functional.cosine_similarity(gf, gr, dim=0))
-    out["grad_norm_ratio"] = float(gr.norm() / gf.norm())
-    head.zero_grad(set_to_none=True)
-    return out
-
-
 def _new_head3(cfg: dict, vocab: dict | None, lm_head: torch.Tensor) -> Eagle3Head:
     """A fresh EAGLE-3 head: weights N(0, 0.02), norms 1, a reduced lm_head = the target's rows of the draft
     vocabulary. Chosen by the step-1 cross-entropy at initialisation on the toy run's 12 samples (full 32k
@@ -261,7 +131,7 @@ def train(a: argparse.Namespace, cfg: dict, feats: dict, emb: torch.Tensor, lm_h
     eagle3 = "draft_vocab_size" in cfg
     if eagle3:
         head = _new_head3(cfg, vocab, lm_head)
-        lm_head = _Vocab3(lm_head, vocab)  # what _micro3 needs, passed where EAGLE-1 passes the lm_head
+        lm_head = Vocab3(lm_head, vocab)  # what _micro3 needs, passed where EAGLE-1 passes the lm_head
     else:
         head = EagleHead(cfg)
         with torch.no_grad():  # start near "next feature = this feature" (fc passes the feature through)
@@ -277,7 +147,7 @@ def train(a: argparse.Namespace, cfg: dict, feats: dict, emb: torch.Tensor, lm_h
     eq_idx = list(range(min(2, len(lengths))))
     eq_before = measure_equivalence(head, feats, eq_idx, emb, lm_head, a, a.seed + 2)
     opt = torch.optim.AdamW(head.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sampler = _Sampler(lengths, a.tokens_per_step, a.seed)
+    sampler = Sampler(lengths, a.tokens_per_step, a.seed)
     budget_s = a.budget_min * 60
     steps = a.steps
     warm = 3  # steps timed to size the run when --steps is not given
@@ -314,7 +184,7 @@ def train(a: argparse.Namespace, cfg: dict, feats: dict, emb: torch.Tensor, lm_h
         agg = dict.fromkeys(["loss", *([] if eagle3 else ["l1"]), "ce", "acc",
                              *(f"acc{s}" for s in range(2, a.unroll + 1))], 0.0)
         for i in idx:
-            r = _micro(head, feats, i, emb, lm_head, a, g)
+            r = micro(head, feats, i, emb, lm_head, a, g)
             (r["loss"] * (lengths[i] / ntok)).backward()
             for k in agg:
                 agg[k] += float(r[k].detach()) * lengths[i] / ntok if k in r else 0.0
@@ -337,42 +207,6 @@ def train(a: argparse.Namespace, cfg: dict, feats: dict, emb: torch.Tensor, lm_h
              "stopped_early_at_1.25x_budget": stopped_early,
              "loss_equivalence": {"at_init": eq_before, "after_training": eq_after}, "curve": curve}
     return {k: v.detach() for k, v in head.state_dict().items()}, stats
-
-
-def _card_md(card: dict) -> str:
-    t, d, acc = card["training"], card["data"], card["acceptance_heldout"]
-    e3 = card["kind"] == "eagle3"
-    dv = t.get("draft_vocab")
-    lines = [f"# {'EAGLE-3' if e3 else 'EAGLE-1'} head for {card['target']}", "",
-             f"- data: {d['source']}",
-             *([(f"- draft vocabulary: {dv['size']} ids (d2t), {dv['data_tokens_covered']:.3f} of the training "
-                f"tokens ({dv['distinct_ids_in_data']} distinct ids in the data)")] if dv else
-               [(f"- draft vocabulary: the full {card['config']['draft_vocab_size']} ids through the target's "
-                "lm_head (no d2t)")] if e3 else []),
-             *([f"- aux layers: {card['config']['eagle_config']['eagle_aux_hidden_state_layer_ids']}"] if e3 else []),
-             (f"- prompts: {d['train_prompts']} train (seed {card['settings']['seed']}), "
-              f"{d['heldout_prompts']} held out; {d['data_tokens']} tokens (prompt + continuation), "
-              f"{d['generated_tokens']} generated"),
-             (f"- training: {t['steps']} steps, {t['token_passes']} token passes ({t['epochs']:.2f} epochs), "
-              f"{t['train_wall_s'] / 60:.1f} min, {t['tokens_per_s']:.0f} tokens/s"),
-             (f"- held-out acceptance (vLLM, {'eagle3' if e3 else 'eagle'}, k=3, greedy): tau {acc['tau']}, per "
-              f"position {[round(x, 3) for x in acc['accept_per_pos']]}"), ""]
-    curve = t["curve"]
-    steps = [k for k in (curve[-1] if curve else {}) if k.startswith("acc") and k != "acc"]
-    if e3:
-        lines += ["| step | loss | CE (step 1) | top-1 (step 1) | " + " | ".join(f"top-1 (step {k[3:]})" for k in steps)
-                  + " |", "|---|---|---|---|" + "---|" * len(steps)]
-    else:
-        lines += ["| step | loss | smooth-L1 | CE | top-1 |", "|---|---|---|---|---|"]
-    pick = sorted({0, len(curve) - 1, *range(0, len(curve), max(1, len(curve) // 10))})
-    for i in pick:
-        c = curve[i]
-        if e3:
-            lines.append(f"| {c['step']} | {c['loss']:.4f} | {c['ce']:.3f} | {c['acc']:.3f} | "
-                         + " | ".join(f"{c.get(k, float('nan')):.3f}" for k in steps) + " |")
-        else:
-            lines.append(f"| {c['step']} | {c['loss']:.4f} | {c['l1']:.4f} | {c['ce']:.3f} | {c['acc']:.3f} |")
-    return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -480,7 +314,7 @@ def train_eagle(argv: list[str]) -> Path:
         n_vocab = int(tcfg["vocab_size"])
         counts = torch.bincount(feats["ids"], minlength=n_vocab)[:n_vocab]
         if a.draft_vocab:
-            vocab = draft_vocab(counts, a.draft_vocab, _special_ids(target, tcfg))
+            vocab = draft_vocab(counts, a.draft_vocab, special_ids(target, tcfg))
         cfg = eagle3_config(tcfg, a.draft_vocab or None, a.aux_layers)
         tensors, tstats = train(a, cfg, feats, emb, lm_head, progress=progress, vocab=vocab)
         if vocab is not None:
@@ -528,67 +362,9 @@ def train_eagle(argv: list[str]) -> Path:
     if eagle3:
         card["config"].update({k: cfg[k] for k in ("draft_vocab_size", "eagle_config")})
     card["total_wall_s"] = time.perf_counter() - t0
-    write_head(out, cfg, tensors, {"card.json": json.dumps(card, indent=1) + "\n", "card.md": _card_md(card)},
+    write_head(out, cfg, tensors, {"card.json": json.dumps(card, indent=1) + "\n", "card.md": card_md(card)},
                check=check)
     return out
-
-
-def _special_ids(target: Path, tcfg: dict) -> list[int]:
-    """Ids an EAGLE-3 draft vocabulary always holds: BOS/EOS/pad from the config and generation config."""
-    ids: set[int] = set()
-    cfgs = [tcfg]
-    gen = target / "generation_config.json"
-    if gen.is_file():
-        cfgs.append(json.loads(gen.read_text()))
-    for c in cfgs:
-        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            v = c.get(k)
-            for x in (v if isinstance(v, list) else [v]):
-                if isinstance(x, int) and 0 <= x < int(tcfg["vocab_size"]):
-                    ids.add(x)
-    return sorted(ids)
-
-
-def write_random_head(name: str, target: Path, a: argparse.Namespace) -> Path:
-    """``--random-weights``: the head format for ``target`` with seeded random weights and a card that says so."""
-    from .format import random_tensors
-
-    if a.arch == "eagle3":
-        return _write_random_head3(name, target, a)
-    cfg = head_config(json.loads((target / "config.json").read_text()))
-    out = Path(a.out).expanduser() if a.out else cache_root() / "heads" / f"eagle1-{name}-random"
-    tensors = random_tensors(cfg, seed=a.seed)
-    card = {"format": CARD_FORMAT, "kind": "eagle1-random", "target": name, "target_folder": str(target),
-            "seed": a.seed, "parameters": sum(int(t.numel()) for t in tensors.values()),
-            "note": "random weights: acceptance is meaningless; the draft cost per step is that of a trained head"}
-    md = (f"# EAGLE-1 head for {name}: RANDOM WEIGHTS (seed {a.seed})\n\nNot trained: use it to measure draft "
-          "cost (`nanospec bench e2e --method eagle --draft <this folder>`), never acceptance.\n")
-    return write_head(out, cfg, tensors, {"card.json": json.dumps(card, indent=1) + "\n", "card.md": md})
-
-
-def _write_random_head3(name: str, target: Path, a: argparse.Namespace) -> Path:
-    """EAGLE-3 ``--random-weights``: a reduced vocabulary is the lowest ``--draft-vocab`` ids (no data to count)
-    plus the special ids; with ``--draft-vocab 0`` the head shares the target's lm_head."""
-    from .format3 import random_tensors3
-
-    tcfg = json.loads((target / "config.json").read_text())
-    cfg = eagle3_config(tcfg, a.draft_vocab or None, a.aux_layers)
-    tensors = random_tensors3(cfg, seed=a.seed)
-    if a.draft_vocab:
-        counts = torch.zeros(int(tcfg["vocab_size"]))
-        dv = draft_vocab(counts, a.draft_vocab, _special_ids(target, tcfg))
-        tensors.update(d2t=dv["d2t"], t2d=dv["t2d"])
-    kind = "eagle3-random" + ("" if a.draft_vocab else "-full")
-    out = Path(a.out).expanduser() if a.out else cache_root() / "heads" / f"{kind.replace('-random', '')}-{name}-random"
-    card = {"format": CARD_FORMAT, "kind": kind, "target": name, "target_folder": str(target), "seed": a.seed,
-            "draft_vocab_size": cfg["draft_vocab_size"], "parameters": sum(int(t.numel()) for k, t in tensors.items()
-                                                                           if t.is_floating_point()),
-            "note": "random weights: acceptance is meaningless; the draft cost per step is that of a trained head"}
-    md = (f"# EAGLE-3 head for {name}: RANDOM WEIGHTS (seed {a.seed}, draft vocabulary {cfg['draft_vocab_size']})"
-          "\n\nNot trained: use it to measure draft cost (`nanospec bench e2e --method eagle3 --draft <this folder>`), "
-          "never acceptance.\n")
-    return write_head(out, cfg, tensors, {"card.json": json.dumps(card, indent=1) + "\n", "card.md": md},
-                      check=check_tensors3)
 
 
 def main(argv: list[str]) -> int:
