@@ -19,8 +19,13 @@ elsewhere the per-request kernel (and the static ``dense_fallback_ratio`` rule).
 the draft positions of a step, so the union's rows are gathered once per step, at its first position, and
 reused at the others: the plan is kept with a weak reference to the step's context, so it is dropped with it.
 
-Touches: reads the drafter's ``lm_head`` weight (often shared with the target; never modified) and the runtime's
-per-step context. Cost: the sparse head over ``sum(counts)`` rows instead of the full ``[B, V]`` projection; on
+Data flow: the runtime freezes the step's :class:`DraftBatch` (plan, slot rows, on/off indices, the on rows' active
+ids and counts) once the sets are final, and every draft position passes it to :meth:`SparseDraftHead.sample`,
+which returns the draft and its :class:`HeadCounts` (the runtime adds them to the statistics); the head holds no
+reference to the runtime. Binding the drafter's head (:func:`..ops.binding.bind_head`) lives beside the
+tensor-parallel scoring in ``ops``.
+
+Touches: reads the drafter's ``lm_head`` weight (often shared with the target; never modified). Cost: the sparse head over ``sum(counts)`` rows instead of the full ``[B, V]`` projection; on
 the union path one gather of the union's rows per step (buffers kept between steps: ``6 x rows x H`` bytes) and
 one GEMM per position; under ``auto`` at batch >= 2, when the union path could win, a union-size probe every
 :data:`PROBE_EVERY` steps (a ``V``-byte map). No host
@@ -33,83 +38,46 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..hostcopy import LaggedHostCopies
-from ..ops import SparseHeadOutput, cost, row_index_from_d2t, sparse_head
-from ..ops.tp import AllGather, VocabShard, shard_row_index, sparse_head_sharded
+from ..ops import SparseHeadOutput, cost, sparse_head
+from ..ops.binding import HeadBinding, bind_head
+from ..ops.tp import sparse_head_sharded
 from ..ops.union import UnionPlan, prepare_union, union_size
-
-if TYPE_CHECKING:
-    from .runtime import NanoSpecRuntime
+from ..step import BatchPlan
 
 logger = logging.getLogger("vllm.nanospec")
 
-__all__ = ["HeadBinding", "SparseDraftHead", "bind_head"]
+__all__ = ["DraftBatch", "HeadBinding", "HeadCounts", "SparseDraftHead", "bind_head"]
 
 
-@dataclass
-class HeadBinding:
-    """The drafter's lm_head as the sparse head sees it (read-only; never modified in place)."""
+@dataclass(frozen=True, eq=False)
+class DraftBatch:
+    """One step's draft batch as the runtime froze it after updating the sets (``before_propose``); the head only
+    reads it. The sets do not change until the next verification, so ``active`` is read once per step."""
 
-    weight: torch.Tensor  # [Vw, H]
-    row_index: torch.Tensor | None  # target id -> weight row (EAGLE-3 reduced heads)
-    scale: float
-    soft_cap: float | None
-    vocab_size: int  # target vocabulary (logits width)
-    # tensor parallelism (vocab-parallel head, see _bind_shard): weight is this rank's shard, row_index the global
-    # target id -> head row map (never None then), local_row_index target id -> local row (-1 = another rank's)
-    shard: VocabShard | None = None
-    local_row_index: torch.Tensor | None = None
-    all_gather: AllGather | None = None
+    plan: BatchPlan  # row -> slot map: on rows (sparse head), off rows (vLLM's head)
+    slots: torch.Tensor  # [B] int64 on the device, -1 = full head
+    on_idx: torch.Tensor  # [len(on_rows)] int64
+    off_idx: torch.Tensor  # [len(off_rows)] int64
+    active: tuple[torch.Tensor, torch.Tensor] | None  # (ids [R, C], counts [R]) of the on rows; None: no on row
 
 
-def bind_head(model: Any, vocab_size: int) -> HeadBinding:
-    """Read the drafter model's lm_head (and ``d2t`` map, logits scale, soft cap)."""
-    lm_head = getattr(model, "lm_head", None)
-    if lm_head is None or not hasattr(lm_head, "weight"):
-        raise RuntimeError(f"NanoSpec: drafter {type(model).__name__} has no lm_head weight")
-    qm = getattr(lm_head, "quant_method", None)
-    if qm is not None and "Unquantized" not in type(qm).__name__:
-        raise RuntimeError(f"NanoSpec: quantized drafter lm_head ({type(qm).__name__}) is not supported")
-    lp = getattr(model, "logits_processor", None)
-    org = int(getattr(lm_head, "org_vocab_size", None) or getattr(lp, "org_vocab_size", lm_head.weight.shape[0]))
-    weight = lm_head.weight[:org]
-    d2t = getattr(model, "draft_id_to_target_id", None)
-    row_index = None if d2t is None else row_index_from_d2t(d2t.data[:org], vocab_size)
-    logger.info("NanoSpec: drafter head %s rows x %d (%s)%s", weight.shape[0], weight.shape[1], weight.dtype,
-                " with a draft->target vocab map" if row_index is not None else "")
-    binding = HeadBinding(weight=weight, row_index=row_index, scale=float(getattr(lp, "scale", 1.0) or 1.0),
-                          soft_cap=getattr(lp, "soft_cap", None), vocab_size=vocab_size)
-    return _bind_shard(binding, lm_head, org)
+@dataclass(frozen=True)
+class HeadCounts:
+    """What one draft position adds to the step's statistics (host-known, no device read)."""
+
+    sparse_rows: int = 0  # request rows the sparse head scored
+    fallback: int = 0  # 1: the position was handed to vLLM's head although the batch had NanoSpec rows
 
 
-def _bind_shard(b: HeadBinding, lm_head: Any, org: int) -> HeadBinding:
-    """A vocab-parallel head (vLLM's ``ParallelLMHead`` / ``VocabParallelEmbedding`` with ``tp_size > 1``): keep
-    this rank's real rows only, make ``row_index`` the global target id -> head row map (identical on every
-    rank), build the local map (``4 * V`` bytes, once) and the group's all-gather. Unchanged when not sharded."""
-    tp = int(getattr(lm_head, "tp_size", 1) or 1)
-    if tp <= 1:
-        return b
-    si = lm_head.shard_indices
-    shard = VocabShard(int(si.org_vocab_start_index), int(si.org_vocab_end_index), int(lm_head.tp_rank), tp)
-    dev = b.weight.device
-    if b.row_index is None:
-        ids = torch.arange(b.vocab_size, dtype=torch.int32, device=dev)
-        b.row_index = torch.where(ids < org, ids, torch.full_like(ids, -1))
-    b.weight = lm_head.weight[: shard.num_rows]
-    b.shard = shard
-    b.local_row_index = shard_row_index(b.vocab_size, shard, b.row_index, dev)
-    group = getattr(lm_head, "parallel_group", None)
-    if group is None:
-        from vllm.distributed import get_tp_group
+def _vllm_tp_group() -> Any:
+    from vllm.distributed import get_tp_group
 
-        group = get_tp_group()
-    b.all_gather = lambda t: group.all_gather(t.unsqueeze(0), dim=0)
-    logger.info("NanoSpec: vocab-parallel head, rank %d/%d holds ids [%d, %d)", shard.rank, tp, shard.start, shard.end)
-    return b
+    return get_tp_group()
 
 
 #: host copies of the step sizes in flight (a push waits only when the device is this many steps behind)
@@ -119,19 +87,26 @@ PROBE_EVERY = 8
 
 
 class SparseDraftHead:
-    def __init__(self, runtime: NanoSpecRuntime) -> None:
-        self.rt = runtime
+    """The sparse head of one runtime: ``vocab_size`` (target), ``device``, ``impl`` (resolved kernel), ``kernel``
+    and ``dense_fallback_ratio`` (the config's), ``pinned_ids`` (the pool's: the fallback id is chosen among them).
+    Holds no reference to the runtime: each position gets the step's :class:`DraftBatch`."""
+
+    def __init__(self, vocab_size: int, device: torch.device, impl: str, kernel: str,
+                 dense_fallback_ratio: float | None, pinned_ids: list[int]) -> None:
+        self.vocab_size, self.impl, self.kernel = int(vocab_size), impl, kernel
+        self.dense_fallback_ratio = dense_fallback_ratio
+        self.pinned_ids = list(pinned_ids)
         self.binding: HeadBinding | None = None
         self.fallback_id = 0  # drafted by a row whose set holds no id the head can draft (see bind)
         self._fallback: torch.Tensor | None = None  # the same, a 0-dim int64 device tensor
         #: steps per path (host counters; ``per_request`` includes the static dense rule's steps)
         self.path_steps = dict.fromkeys(cost.PATHS, 0)
-        self._step: weakref.ref | None = None  # the StepContext whose path / plan below are cached
+        self._step: weakref.ref | None = None  # the DraftBatch whose path / plan below are cached
         self._path = "per_request"
         self._plan: UnionPlan | None = None
         self._workspace: dict = {}  # union buffers, reused between steps
         self._lagged = (0, 0, 0)  # (rows, sum of set sizes, union size) of the newest step read back; 0: none yet
-        self._sizes = LaggedHostCopies(SIZE_RING, 3, torch.int64, torch.device(runtime.device), self._read_sizes)
+        self._sizes = LaggedHostCopies(SIZE_RING, 3, torch.int64, torch.device(device), self._read_sizes)
         self._positions = 1  # draft positions per step (the proposer's num_speculative_tokens)
         self._probes = 0  # steps where a union-size probe was due
         self._union_share = 1.0  # union / sum of the sets at the last measurement (1.0: none yet)
@@ -163,8 +138,8 @@ class SparseDraftHead:
         ``torch.where``: no per-position host check. Any draft keeps greedy output exact; the target rejects a
         bad one. Runs once (at runtime creation when the drafter is loaded, else at the first draft); the host
         reads of ``row_index`` here happen only then."""
-        b = bind_head(model, self.rt.vocab_size)
-        pinned = self.rt.pool.pinned_ids
+        b = bind_head(model, self.vocab_size, _vllm_tp_group)
+        pinned = self.pinned_ids
         if b.row_index is None:
             fid = next((i for i in pinned if i < b.weight.shape[0]), 0)
         else:
@@ -175,17 +150,16 @@ class SparseDraftHead:
         self.binding = b
         return b
 
-    def step_path(self) -> tuple[str, UnionPlan | None]:
+    def step_path(self, batch: DraftBatch) -> tuple[str, UnionPlan | None]:
         """This step's path (``per_request``, ``union`` or ``dense``) and union plan, decided at its first draft
-        position and cached until the step's context is gone. Reads only host data (the lagged sizes)."""
-        ctx = self.rt.ctx
-        if self._step is not None and self._step() is ctx:
+        position and cached until the step's batch is gone. Reads only host data (the lagged sizes)."""
+        if self._step is not None and self._step() is batch:
             return self._path, self._plan
         b = self.binding
-        assert b is not None and ctx is not None and ctx.active is not None
-        ids, counts = ctx.active
+        assert b is not None and batch.active is not None
+        ids, counts = batch.active
         row_index = b.local_row_index if b.shard is not None else b.row_index
-        kernel = self.rt.cfg.kernel
+        kernel = self.kernel
         model = cost.model_for(b.weight.device.type) if kernel == "auto" else None
         B, (Vw, H) = ids.shape[0], b.weight.shape
         self._sizes.read(wait=False)  # fold in the copies that have arrived; never waits
@@ -211,7 +185,7 @@ class SparseDraftHead:
         if size is not None:
             self._sizes.push(torch.stack([torch.full_like(total, B), total, size.long()]))
         self.path_steps[path] += 1
-        self._step, self._path, self._plan = weakref.ref(ctx, self._forget), path, plan
+        self._step, self._path, self._plan = weakref.ref(batch, self._forget), path, plan
         return path, plan
 
     def _probe_due(self, model: cost.CostModel, B: int, H: int, Vw: int, S: int, width: int) -> bool:
@@ -226,19 +200,19 @@ class SparseDraftHead:
         return self._probes % PROBE_EVERY == 1 or PROBE_EVERY == 1
 
     def _forget(self, ref: Any) -> None:
-        """The step's context is gone: drop its plan (the buffers stay in the workspace)."""
+        """The step's batch is gone: drop its plan (the buffers stay in the workspace)."""
         if ref is self._step:
             self._step, self._plan = None, None
 
-    def _scores(self, h: torch.Tensor, logprobs: bool) -> SparseHeadOutput:
-        b, ctx = self.binding, self.rt.ctx
-        assert b is not None and ctx is not None and ctx.active is not None
-        ids, counts = ctx.active
+    def _scores(self, h: torch.Tensor, logprobs: bool, batch: DraftBatch) -> SparseHeadOutput:
+        b = self.binding
+        assert b is not None and batch.active is not None
+        ids, counts = batch.active
         if b.scale != 1.0:
             h = h * b.scale
-        path, plan = self.step_path()
-        ratio = 0.0 if path == "dense" else self.rt.cfg.dense_fallback_ratio
-        impl = self.rt.impl  # with a plan, the union path runs whatever impl says
+        path, plan = self.step_path(batch)
+        ratio = 0.0 if path == "dense" else self.dense_fallback_ratio
+        impl = self.impl  # with a plan, the union path runs whatever impl says
         if b.shard is not None:  # every rank scores its shard's ids; all ranks get the same answer
             return sparse_head_sharded(h, b.weight, ids, counts, row_index=b.local_row_index,
                                        all_gather=b.all_gather, want_logprobs=logprobs, vocab_size=b.vocab_size,
@@ -246,47 +220,41 @@ class SparseDraftHead:
         return sparse_head(h, b.weight, ids, counts, row_index=b.row_index, want_logprobs=logprobs,
                            vocab_size=b.vocab_size, impl=impl, dense_fallback_ratio=ratio, union_plan=plan)
 
-    def sample(self, proposer: Any, hidden: torch.Tensor, sampling_metadata: Any) -> Any | None:
-        """Draft tokens for this position, or ``None`` ("not mine": call vLLM's own head)."""
-        rt, ctx = self.rt, self.rt.ctx
-        if ctx is None or ctx.plan is None or not ctx.plan.on_rows:
-            return None
-        plan = ctx.plan
+    def sample(self, proposer: Any, hidden: torch.Tensor, sampling_metadata: Any,
+               batch: DraftBatch) -> tuple[Any | None, HeadCounts]:
+        """Draft tokens for this position of ``batch`` (or ``None``: "not mine", call vLLM's own head) and what
+        this position adds to the statistics."""
+        plan = batch.plan
+        if not plan.on_rows or batch.active is None:
+            return None, HeadCounts()
         if hidden.shape[0] != plan.batch_size:
-            rt.stats.fallback += 1  # parallel drafting: rows are not requests
-            return None
+            return None, HeadCounts(fallback=1)  # parallel drafting: rows are not requests
         if self.binding is None:
             self.bind(proposer.model)
         self._positions = max(1, int(getattr(proposer, "num_speculative_tokens", 1) or 1))
         greedy = not proposer._enable_probabilistic_draft_probs or sampling_metadata.all_greedy
         if not greedy and self.binding.soft_cap is not None:
-            rt.stats.fallback += 1  # soft-capped logits: the pruned softmax needs the raw scores
-            return None
-        on = ctx.on_idx
-        if ctx.active is None:  # first draft position: the sets do not change until the next verification
-            ctx.active = rt.pool.active(ctx.slots[on])
-            rt.stats.record_sizes(ctx.active[1])
-        rt.stats.sparse_rows += len(ctx.plan.on_rows)  # host-known: the rows this position's sparse head scores
+            return None, HeadCounts(fallback=1)  # soft-capped logits: the pruned softmax needs the raw scores
+        counts = HeadCounts(sparse_rows=len(plan.on_rows))  # host-known: the rows this position's head scores
         if greedy:
-            return self._greedy(proposer, hidden), None
-        return self._probabilistic(proposer, hidden, sampling_metadata)
+            return (self._greedy(proposer, hidden, batch), None), counts
+        return self._probabilistic(proposer, hidden, sampling_metadata, batch), counts
 
-    def _greedy(self, proposer: Any, hidden: torch.Tensor) -> torch.Tensor:
-        ctx = self.rt.ctx
-        on, plan = ctx.on_idx, ctx.plan
-        tok = self._scores(hidden[on], logprobs=False).token_ids
+    def _greedy(self, proposer: Any, hidden: torch.Tensor, batch: DraftBatch) -> torch.Tensor:
+        on, plan = batch.on_idx, batch.plan
+        tok = self._scores(hidden[on], False, batch).token_ids
         tok = torch.where(tok < 0, self._fallback, tok)  # a row with no draftable id: the fallback id (device)
         if not plan.off_rows:
             return tok
         res = torch.empty(plan.batch_size, dtype=torch.int64, device=hidden.device)
         res[on] = tok
-        res[ctx.off_idx] = proposer._greedy_sample(hidden[ctx.off_idx]).long()
+        res[batch.off_idx] = proposer._greedy_sample(hidden[batch.off_idx]).long()
         return res
 
-    def _probabilistic(self, proposer: Any, hidden: torch.Tensor, sampling_metadata: Any) -> Any:
-        ctx = self.rt.ctx
-        on, plan, vocab = ctx.on_idx, ctx.plan, self.binding.vocab_size
-        out = self._scores(hidden[on], logprobs=True)
+    def _probabilistic(self, proposer: Any, hidden: torch.Tensor, sampling_metadata: Any,
+                       batch: DraftBatch) -> Any:
+        on, plan, vocab = batch.on_idx, batch.plan, self.binding.vocab_size
+        out = self._scores(hidden[on], True, batch)
         logits = torch.full((plan.batch_size, vocab), float("-inf"), dtype=torch.float32, device=hidden.device)
         lp, fid = out.logprobs, self.fallback_id  # log-softmax over the active set; a per-row shift of the scores
         # no draftable id in the set (all -inf): that row's distribution is one-hot at the fallback id, selected on
@@ -294,5 +262,5 @@ class SparseDraftHead:
         lp[:, fid] = torch.where(out.token_ids < 0, torch.zeros_like(lp[:, fid]), lp[:, fid])
         logits[on] = lp
         if plan.off_rows:
-            logits[ctx.off_idx] = proposer.model.compute_logits(hidden[ctx.off_idx]).float()
+            logits[batch.off_idx] = proposer.model.compute_logits(hidden[batch.off_idx]).float()
         return proposer._sample_from_logits(logits, sampling_metadata)

@@ -33,7 +33,6 @@ instead of the dense one.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,19 +40,18 @@ import torch
 
 from ..config import HOT_SET_AUTO, NanoSpecConfig, check_engine, parse_config, request_enabled
 from ..guard import CoverageGuard, GuardParams
+from ..hostcopy import IndexStaging
 from ..ops import resolve_impl
+from ..pinned import compose_pinned, pinned_token_ids
 from ..state import ActiveVocabPool, PoolFullError
-from ..step import BatchPlan, logits_starts, plan_batch, prompt_rows, verified_update
+from ..step import logits_starts, plan_batch, prompt_rows, verified_update
 from .debug import DebugRecorder
-from .head import SparseDraftHead
+from .head import DraftBatch, SparseDraftHead
 from .metrics.worker import StepStats
 
 logger = logging.getLogger("vllm.nanospec")
 
-__all__ = ["IndexStaging", "NanoSpecRuntime", "StepContext", "get_runtime", "pinned_token_ids"]
-
-#: host staging rows in the ring: a row is rewritten only after the copy made from it STAGING_RING steps ago has run
-STAGING_RING = 2
+__all__ = ["NanoSpecRuntime", "StepContext", "get_runtime"]
 
 
 @dataclass
@@ -61,12 +59,7 @@ class StepContext:
     """What one engine step knows; created by :meth:`NanoSpecRuntime.begin_step`, cleared by ``end_step``."""
 
     topk: torch.Tensor | None = None  # [logits rows, k] target top-k at this step's verification
-    plan: BatchPlan | None = None  # row -> slot map of the batch being drafted
-    slots: torch.Tensor | None = None  # [B] int64 on the device, -1 = full head
-    on_idx: torch.Tensor | None = None  # [len(on_rows)] int64
-    tracked_idx: torch.Tensor | None = None  # [len(tracked_rows)] int64: rows whose sets are updated
-    off_idx: torch.Tensor | None = None  # [len(off_rows)] int64
-    active: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, counts) of on rows, read once per propose
+    batch: DraftBatch | None = None  # what before_propose built for this step's drafter (read-only)
 
 
 def get_runtime(obj: Any) -> NanoSpecRuntime | None:
@@ -80,91 +73,13 @@ def _as_padded(rows: list[list[int]], pool: ActiveVocabPool) -> torch.Tensor:
     return pool.to_device(torch.tensor([x + [-1] * (width - len(x)) for x in rows], dtype=torch.int64))
 
 
-class _PinnedPair:
-    """What ``IndexStaging`` uses of vLLM's ``CpuGpuBuffer`` (pinned ``cpu`` + ``gpu`` tensors, ``np`` view)."""
-
-    def __init__(self, *size: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.cpu = torch.zeros(*size, dtype=dtype, pin_memory=device.type == "cuda")
-        self.gpu = torch.zeros_like(self.cpu, device=device)
-        self.np = self.cpu.numpy()
-
-
-class IndexStaging:
-    """The per-step index vectors, staged on the host and copied to the device in one non-blocking copy.
-
-    One ``CpuGpuBuffer`` (vLLM's pinned host + device pair) of ``[STAGING_RING, 6 * max_rows]`` int64, allocated
-    once. :meth:`put` writes the vectors side by side into the next host row (numpy, no tensor op), copies that row
-    to the device with ``non_blocking=True`` and records a CUDA event; the row is reused ``STAGING_RING`` steps
-    later, after waiting on that event (long completed by then: vLLM reads its own sampled tokens every step), so a
-    pending copy never reads a host row being rewritten. Returns device views, valid until the same row is reused.
-    """
-
-    def __init__(self, max_rows: int, device: torch.device) -> None:
-        try:
-            from vllm.v1.utils import CpuGpuBuffer
-        except ImportError:  # inside vLLM it always imports; the host-sync test also runs on a bare GPU machine
-            CpuGpuBuffer = _PinnedPair
-
-        self.device = device
-        self.width = 6 * max(1, int(max_rows))  # slots + on/off rows (2 B) + tracked + verified rows, drafts, starts
-        self.buf = CpuGpuBuffer(STAGING_RING, self.width, dtype=torch.int64, device=device)
-        self._events: list[Any] = [None] * STAGING_RING
-        self._next = 0
-
-    def host_buffers(self) -> list[torch.Tensor]:
-        return [self.buf.cpu]
-
-    def put(self, *vectors: Sequence[int]) -> list[torch.Tensor]:
-        n = sum(len(v) for v in vectors)
-        if n > self.width:  # more rows than max_num_seqs (never in vLLM): a one-off pinned copy
-            flat = torch.tensor([x for v in vectors for x in v], dtype=torch.int64)
-            dev = flat if self.device.type == "cpu" else flat.pin_memory().to(self.device, non_blocking=True)
-        else:
-            k = self._next
-            self._next = (k + 1) % STAGING_RING
-            if self._events[k] is not None:
-                self._events[k].synchronize()  # recorded STAGING_RING steps ago
-            row = self.buf.np[k]
-            o = 0
-            for v in vectors:
-                row[o: o + len(v)] = v
-                o += len(v)
-            dev = self.buf.gpu[k, :n]
-            dev.copy_(self.buf.cpu[k, :n], non_blocking=True)
-            if self.device.type == "cuda":
-                ev = torch.cuda.Event()
-                ev.record()
-                self._events[k] = ev
-        out, o = [], 0
-        for v in vectors:
-            out.append(dev[o: o + len(v)])
-            o += len(v)
-        return out
-
-
-def pinned_token_ids(hf_config: Any, tokenizer: Any | None) -> set[int]:
-    """Ids a generation can actually need, always active: EOS ids (model config), the tokenizer's EOS / pad, and
-    the special tokens that the chat template writes. Placeholder
-    specials the template never emits (some tokenizers reserve thousands) are not pinned."""
-    ids: set[int] = set()
-    eos = getattr(hf_config, "eos_token_id", None)
-    for x in (eos if isinstance(eos, (list, tuple)) else [eos]):
-        if isinstance(x, int):
-            ids.add(x)
-    if tokenizer is not None:
-        for attr in ("eos_token_id", "pad_token_id"):
-            v = getattr(tokenizer, attr, None)
-            if isinstance(v, int):
-                ids.add(v)
-        template = getattr(tokenizer, "chat_template", None) or ""
-        if isinstance(template, dict):
-            template = " ".join(str(v) for v in template.values())
-        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-        for i, tok in decoder.items():
-            content = getattr(tok, "content", str(tok))
-            if getattr(tok, "special", False) and content and content in template:
-                ids.add(int(i))
-    return ids
+def _vllm_staging_buffer() -> Any:
+    """vLLM's pinned host + device pair (``CpuGpuBuffer``), or None (then :class:`..hostcopy.PinnedPair`)."""
+    try:
+        from vllm.v1.utils import CpuGpuBuffer
+    except ImportError:  # inside vLLM it always imports; the host-sync test also runs on a bare GPU machine
+        return None
+    return CpuGpuBuffer
 
 
 def _load_tokenizer(runner: Any) -> Any | None:
@@ -193,21 +108,18 @@ class NanoSpecRuntime:
         hot = cfg.hot_set(tok)
         logger.info("NanoSpec: hot set %s", f"{hot_file} (first {len(hot)} ids)" if hot_file else
                     "none" if cfg.hot_set_path is None else "none (no shipped hot set matches this tokenizer)")
-        pinned = set(cfg.always_active_ids) | set(hot)
-        if cfg.always_active_special_ids:
-            pinned |= self._generation_ids(runner, tok)
-        pinned = {i for i in pinned if 0 <= i < self.vocab_size}
-        if len(pinned) >= cfg.capacity:  # never fail start-up over pinned ids: keep the lowest, say so
-            logger.warning("NanoSpec: %d pinned ids do not fit capacity %d; pinning the first %d", len(pinned),
-                           cfg.capacity, cfg.capacity // 2)
-            pinned = set(sorted(pinned)[: cfg.capacity // 2])
+        gen = self._generation_ids(runner, tok) if cfg.always_active_special_ids else ()
+        pinned, dropped = compose_pinned(self.vocab_size, cfg.capacity, cfg.always_active_ids, hot, gen)
+        if dropped:  # never fail start-up over pinned ids: keep the lowest, say so
+            logger.warning("NanoSpec: %d pinned ids do not fit capacity %d; pinning the first %d",
+                           len(pinned) + dropped, cfg.capacity, len(pinned))
         num_slots = int(runner.scheduler_config.max_num_seqs)
-        self.pool = ActiveVocabPool(num_slots, self.vocab_size, cfg.capacity, self.device, sorted(pinned),
-                                    cfg.full_policy)
+        self.pool = ActiveVocabPool(num_slots, self.vocab_size, cfg.capacity, self.device, pinned, cfg.full_policy)
         self.impl = resolve_impl(cfg.kernel, self.device)
         self.stats = StepStats(self.device, max_sizes=num_slots)
-        self.staging = IndexStaging(num_slots, self.device)
-        self.head = SparseDraftHead(self)
+        self.staging = IndexStaging(num_slots, self.device, _vllm_staging_buffer())
+        self.head = SparseDraftHead(self.vocab_size, self.device, self.impl, cfg.kernel, cfg.dense_fallback_ratio,
+                                    self.pool.pinned_ids)
         gp = GuardParams(cfg.guard_coverage, cfg.guard_hysteresis, float(cfg.guard_window))
         tp = int(getattr(runner.parallel_config, "tensor_parallel_size", 1) or 1)
         self.guard = CoverageGuard(num_slots, self.device, gp, same_step_everywhere=tp > 1) if gp.enabled else None
@@ -296,6 +208,8 @@ class NanoSpecRuntime:
         return self.stats.drain(self.pool, self.impl)
 
     def on_verification_logits(self, logits: torch.Tensor) -> None:
+        """Keep the target's top-k ids of the verification logits. Outside a step (vLLM's warm-up sampler run)
+        there is nothing to keep them for: ignored."""
         k = self.cfg.target_topk
         if self.ctx is None or k <= 0 or not self.pool.num_in_use or logits.dim() != 2 or not logits.shape[0]:
             return
@@ -303,8 +217,11 @@ class NanoSpecRuntime:
 
     def before_propose(self, runner: Any, sampled: torch.Tensor | list[list[int]], spec_meta: Any,
                        hidden: Any = None, attn_meta: Any = None) -> None:
+        """Update the tracked rows' sets from this verification and build the step's :class:`.head.DraftBatch`.
+        Outside a step (only ``sample_tokens`` opens one) nothing is drafted sparsely: counted as ``no_step``."""
         ctx = self.ctx
-        if ctx is None:  # only sample_tokens (the owner) opens a step
+        if ctx is None:
+            self.stats.no_step += 1
             return
         if self.debug is not None:
             self.debug.before_propose(runner, sampled, spec_meta, ctx.topk)
@@ -315,7 +232,6 @@ class NanoSpecRuntime:
             flags = self.guard.poll()  # the newest host copy that has arrived: never waits
             self.stats.guard_fires += self.guard.fires - fires
         plan = plan_batch(runner.input_batch.req_ids[:num_reqs], self.pool.slot_of, flags)
-        ctx.plan = plan
         tracked = plan.tracked_rows
         self.stats.planned += len(tracked)
         self.stats.guarded += len(plan.guarded_rows)
@@ -332,19 +248,27 @@ class NanoSpecRuntime:
             nd_rows = [] if nd_all is None else [nd_all[i] for i in rows]
             start_rows = [starts_all[i] for i in rows]
         # every index vector of the step in one non-blocking host -> device copy
-        ctx.slots, ctx.on_idx, ctx.off_idx, ctx.tracked_idx, idx, nd, starts = self.staging.put(
-            plan.slots, plan.on_rows, plan.off_rows, tracked, rows, nd_rows, start_rows)
-        if not tracked:
-            return
-        if self.cfg.prompt_topk:
-            self._add_prompt_topk(runner, tracked, ctx.slots, hidden, attn_meta)
-        if not rows:
-            return
+        slots, on_idx, off_idx, idx, nd, starts = self.staging.put(
+            plan.slots, plan.on_rows, plan.off_rows, rows, nd_rows, start_rows)
+        if tracked and self.cfg.prompt_topk:
+            self._add_prompt_topk(runner, tracked, slots, hidden, attn_meta)
+        if rows:
+            self._verified(sampled, slots, idx, None if nd_all is None else nd, starts, topk)
+        # the sets are final for this step's draft positions: read the on rows' once, freeze the batch
+        active = self.pool.active(slots[on_idx]) if plan.on_rows else None
+        if active is not None:
+            self.stats.record_sizes(active[1])
+        ctx.batch = DraftBatch(plan, slots, on_idx, off_idx, active)
+
+    def _verified(self, sampled: torch.Tensor | list[list[int]], slots: torch.Tensor, idx: torch.Tensor,
+                  nd: torch.Tensor | None, starts: torch.Tensor, topk: torch.Tensor | None) -> None:
+        """Rows ``idx`` were verified this step: count their coverage (against the sets the drafts came from), feed
+        the guard, add the emitted tokens and the target's top-k (``nd`` None: no drafts were verified)."""
         if isinstance(sampled, list):
             sampled = _as_padded(sampled, self.pool)
         s = sampled[idx].long()  # [R, W]
-        upd = verified_update(s, None if nd_all is None else nd, starts, topk)
-        rslots = ctx.slots[idx]
+        upd = verified_update(s, nd, starts, topk)
+        rslots = slots[idx]
         covered = self.pool.contains(rslots, s) & upd.drafted  # against the set the drafts were made from
         self.stats.add_coverage(upd.drafted.sum(), covered.sum())
         if self.guard is not None:
@@ -368,6 +292,21 @@ class NanoSpecRuntime:
                 top = runner.model.compute_logits(hidden[c: min(hi, c + 256)]).topk(k, dim=-1).indices
                 self.pool.extend(slots[i: i + 1], top.T.reshape(1, -1))  # rank-major: all top-1 first
 
+    def draft(self, proposer: Any, hidden: torch.Tensor, sampling_metadata: Any) -> Any | None:
+        """One draft position (the proposer patch): the sparse head's answer for this step's batch, or ``None``
+        ("not mine": vLLM's head drafts). The head's counters go into the step's statistics."""
+        ctx = self.ctx
+        if ctx is None:  # a draft position outside sample_tokens: vLLM's head drafts it, and /metrics shows it
+            self.stats.no_step += 1
+            return None
+        if ctx.batch is None:  # propose without before_propose (a vLLM path the patches do not know)
+            self.stats.no_step += 1
+            return None
+        out, counts = self.head.sample(proposer, hidden, sampling_metadata, ctx.batch)
+        self.stats.fallback += counts.fallback
+        self.stats.sparse_rows += counts.sparse_rows
+        return out
+
     def after_propose(self, draft_ids: Any) -> None:
         ctx = self.ctx
         if self.debug is not None and ctx is not None:
@@ -376,7 +315,8 @@ class NanoSpecRuntime:
         # fallback id; the full head's drafts of a guarded row are NOT added: they would be in the set when that
         # row's next verification counts coverage, and an accepted draft would always count as covered, so the
         # guard would read the full head's acceptance instead of what the sparse set would have offered.
-        if ctx is None or ctx.plan is None or not ctx.plan.on_rows or not self.cfg.add_draft_tokens:
+        batch = None if ctx is None else ctx.batch
+        if batch is None or not batch.plan.on_rows or not self.cfg.add_draft_tokens:
             return
         if isinstance(draft_ids, list):
             if not draft_ids:
@@ -384,6 +324,6 @@ class NanoSpecRuntime:
             draft_ids = _as_padded(draft_ids, self.pool)
         if not isinstance(draft_ids, torch.Tensor) or draft_ids.dim() != 2 or draft_ids.shape[1] == 0:
             return
-        if draft_ids.shape[0] != ctx.plan.batch_size:
+        if draft_ids.shape[0] != batch.plan.batch_size:
             return
-        self.pool.extend(ctx.slots[ctx.on_idx], draft_ids[ctx.on_idx].long())
+        self.pool.extend(batch.slots[batch.on_idx], draft_ids[batch.on_idx].long())

@@ -67,6 +67,7 @@ def test_every_id_active_accepts_exactly_as_the_full_head(method, qwen05b, promp
     tot = every["pool"][0]["totals"]
     assert tot["target"] > 0 and tot["covered"] == tot["target"], "with every id active nothing can be missed"
     assert tot["sparse_rows"] > 0 and tot["fallback"] == 0, tot  # NanoSpec's head drafted them, not vLLM's
+    assert tot["no_step"] == 0, tot  # every draft hook ran inside a step (sample_tokens)
 
 
 @pytest.fixture(scope="module")

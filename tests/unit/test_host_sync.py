@@ -297,7 +297,7 @@ def _step(r: Any, rt: Any, proposer: Any, inputs: tuple, greedy: bool, qsl: torc
     rt.before_propose(r, sampled, NS(num_draft_tokens=[2, 1, 2]), hidden, NS(query_start_loc_cpu=qsl))
     drafts = []
     for pos in range(2):
-        tok, probs = rt.head.sample(proposer, hidden[pos * 3: pos * 3 + 3], NS(all_greedy=greedy))
+        tok, probs = rt.draft(proposer, hidden[pos * 3: pos * 3 + 3], NS(all_greedy=greedy))
         assert (probs is None) == greedy
         drafts.append(tok)
     rt.after_propose(torch.stack(drafts, 1))
@@ -460,8 +460,8 @@ def test_a_sync_injected_into_the_step_is_caught(monkeypatch, via: str) -> None:
 
     greedy_head = SparseDraftHead._greedy
 
-    def injected(self: Any, proposer: Any, hidden: torch.Tensor) -> torch.Tensor:
-        tok = greedy_head(self, proposer, hidden)
+    def injected(self: Any, proposer: Any, hidden: torch.Tensor, batch: Any) -> torch.Tensor:
+        tok = greedy_head(self, proposer, hidden, batch)
         torch.where(tok < 0)[0]  # the injected sync
         return tok
 
@@ -531,8 +531,8 @@ def test_the_guard_sends_a_low_coverage_request_to_the_full_head_without_host_re
     _, sampled, hidden = inputs
     rt.begin_step()
     rt.before_propose(r, sampled, NS(num_draft_tokens=[2, 1, 2]), hidden, NS(query_start_loc_cpu=qsl))
-    assert rt.ctx.plan.guarded_rows == (0,) and rt.ctx.plan.on_rows == (2,)
-    tok, _ = rt.head.sample(proposer, hidden[:3], NS(all_greedy=True))
+    assert rt.ctx.batch.plan.guarded_rows == (0,) and rt.ctx.batch.plan.on_rows == (2,)
+    tok, _ = rt.draft(proposer, hidden[:3], NS(all_greedy=True))
     rt.end_step()
     full = (hidden[:3].float() @ w.float().T).argmax(-1)
     assert int(tok[0]) == int(full[0]) and int(tok[1]) == int(full[1])
@@ -558,7 +558,7 @@ def test_a_row_with_no_draftable_id_drafts_the_fallback_on_the_device() -> None:
             proposer._enable_probabilistic_draft_probs = not greedy
             rt.begin_step()
             rt.before_propose(r, nothing, None)
-            tok, probs = rt.head.sample(proposer, hidden, NS(all_greedy=greedy))
+            tok, probs = rt.draft(proposer, hidden, NS(all_greedy=greedy))
             rt.end_step()
         assert c.found() == []
         s = hidden @ w.T
@@ -573,12 +573,13 @@ def test_a_row_with_no_draftable_id_drafts_the_fallback_on_the_device() -> None:
 def test_index_staging_round_trip(monkeypatch, with_vllm: bool) -> None:
     """The staged vectors come back exact, side by side; the previous step's views survive one more step (ring of
     two); more than ``5 x max_rows`` values still work (one-off copy). Without vLLM a local pinned pair is used."""
-    from nanospec_vllm.vllm.runtime import IndexStaging
+    from nanospec_vllm.hostcopy import IndexStaging
+    from nanospec_vllm.vllm.runtime import _vllm_staging_buffer
 
     if not with_vllm:
         monkeypatch.setitem(sys.modules, "vllm.v1.utils", None)  # import fails
-    st = IndexStaging(4, torch.device("cpu"))
-    assert type(st.buf).__name__ == ("CpuGpuBuffer" if with_vllm else "_PinnedPair")
+    st = IndexStaging(4, torch.device("cpu"), _vllm_staging_buffer())
+    assert type(st.buf).__name__ == ("CpuGpuBuffer" if with_vllm else "PinnedPair")
     a = st.put((3, -1, 0), (0, 2), (1,), (), (5, 6))
     assert [t.tolist() for t in a] == [[3, -1, 0], [0, 2], [1], [], [5, 6]]
     b = st.put((7, 8), (9,))

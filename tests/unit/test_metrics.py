@@ -29,12 +29,14 @@ def test_step_stats_drain_counts_and_resets():
     st.guarded += 2
     st.guard_fires += 1
     st.sparse_rows += 6
+    st.no_step += 2
     p = st.drain(pool, "native")
     assert p == {"slots_in_use": 1, "sizes": [8, 4], "target": 7, "covered": 5, "dropped_live": 12, "no_slot": 0,
-                 "fallback": 1, "planned": 3, "guarded": 2, "guard_fires": 1, "sparse_rows": 6, "impl": "native"}
+                 "fallback": 1, "planned": 3, "guarded": 2, "guard_fires": 1, "sparse_rows": 6, "no_step": 2,
+                 "impl": "native"}
     q = st.drain(pool, "native")
     assert q["target"] == 0 and q["sizes"] == [] and q["fallback"] == 0 and q["guarded"] == 0
-    assert q["sparse_rows"] == 0
+    assert q["sparse_rows"] == 0 and q["no_step"] == 0
     assert st.totals["guarded"] == 2 and st.totals["planned"] == 3 and st.totals["sparse_rows"] == 6
 
 
@@ -83,7 +85,7 @@ def test_attach_merges_and_take_empties():
 
 # ---------------------------------------------------------------- the transport, through vLLM's real classes
 PAYLOAD = {"slots_in_use": 2, "sizes": [100, 300], "target": 10, "covered": 8, "dropped_live": 0, "no_slot": 0,
-           "planned": 2, "guarded": 1, "guard_fires": 1, "sparse_rows": 0,
+           "planned": 2, "guarded": 1, "guard_fires": 1, "sparse_rows": 0, "no_step": 0,
            "fallback": 0, "impl": "native"}
 EC_STATS = {"num_loads": 3, "bytes": [1, 2]}  # what an EC connector would report (ECConnectorStats.data)
 

@@ -66,16 +66,23 @@ def test_head_routes_rows_and_matches_dense_argmax() -> None:
     rt.begin_step()
     rt.before_propose(r, torch.tensor([[-1], [-1]]), None)  # nothing emitted yet
     hidden = torch.randn(2, H, generator=g)
-    tok, probs = rt.head.sample(proposer, hidden, NS(all_greedy=True))
+    tok, probs = rt.draft(proposer, hidden, NS(all_greedy=True))
     scores = hidden @ w.T
     want_a = [10, 20, 30][int(scores[0, [10, 20, 30]].argmax())]
     assert probs is None and tok.tolist() == [want_a, int(scores[1].argmax())]
     # a batch whose rows are not requests (parallel drafting): "not mine"
-    assert rt.head.sample(proposer, torch.randn(5, H), NS(all_greedy=True)) is None
+    assert rt.draft(proposer, torch.randn(5, H), NS(all_greedy=True)) is None
+    assert rt.stats.no_step == 0
     rt.end_step()
-    assert rt.head.sample(proposer, hidden, NS(all_greedy=True)) is None  # outside a step: not mine
-    # counted: one sparse row (a; b is off) at the one position it drafted, one hand-back (parallel drafting)
-    assert (rt.stats.totals["sparse_rows"], rt.stats.totals["fallback"]) == (1, 1)
+    assert rt.draft(proposer, hidden, NS(all_greedy=True)) is None  # outside a step: not mine, and counted
+    rt.before_propose(r, torch.tensor([[-1], [-1]]), None)
+    assert rt.stats.no_step == 2
+    rt.begin_step()
+    assert rt.draft(proposer, hidden, NS(all_greedy=True)) is None  # a step, but no before_propose: counted
+    rt.end_step()
+    # counted: one sparse row (a; b is off) at the one position it drafted, one hand-back (parallel drafting),
+    # three hooks without a step's draft batch
+    assert (rt.stats.totals["sparse_rows"], rt.stats.totals["fallback"], rt.stats.totals["no_step"]) == (1, 1, 3)
 
 
 def test_every_id_active_drafts_the_full_heads_tokens() -> None:
@@ -89,13 +96,13 @@ def test_every_id_active_drafts_the_full_heads_tokens() -> None:
     rt.begin_step()
     rt.before_propose(r, torch.tensor([[-1], [-1]]), None)
     hidden = torch.randn(2, H, generator=g)
-    tok, _ = rt.head.sample(proposer, hidden, NS(all_greedy=True))
+    tok, _ = rt.draft(proposer, hidden, NS(all_greedy=True))
     assert tok.tolist() == (hidden @ w.T).argmax(-1).tolist()
 
 
 def test_pinned_ids_are_what_a_generation_needs() -> None:
     """EOS, pad and the chat template's markers are pinned; thousands of placeholder specials are not."""
-    from nanospec_vllm.vllm.runtime import pinned_token_ids
+    from nanospec_vllm.pinned import pinned_token_ids
 
     decoder = {i: NS(content=f"<|reserved_{i}|>", special=True) for i in range(5000, 11000)}
     decoder[100] = NS(content="<|im_start|>", special=True)

@@ -284,7 +284,7 @@ def test_bind_head_reads_a_vocab_parallel_head() -> None:
     of the rank, maps ids globally and locally, and its all-gather (the group's, ``dim=0``) merges exactly."""
     from types import SimpleNamespace as NS
 
-    from nanospec_vllm.vllm.head import bind_head
+    from nanospec_vllm.ops.binding import bind_head
 
     vocab, world = 1000, 2
     h, w, ids, counts = random_case(5, vocab=vocab)
@@ -318,7 +318,7 @@ def test_bind_head_reads_a_vocab_parallel_head() -> None:
 def test_bind_head_single_rank_unchanged() -> None:
     from types import SimpleNamespace as NS
 
-    from nanospec_vllm.vllm.head import bind_head
+    from nanospec_vllm.ops.binding import bind_head
 
     w = torch.randn(64, 8)
     b = bind_head(NS(lm_head=NS(weight=w, org_vocab_size=64, tp_size=1)), 64)

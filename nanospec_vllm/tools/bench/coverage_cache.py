@@ -149,12 +149,12 @@ def _stop_ids(target: Path) -> list[int]:
 
 def special_ids(target: Path) -> list[int]:
     """What the runtime pins with ``always_active_special_ids``: the same function on the same inputs
-    (:func:`nanospec_vllm.vllm.runtime.pinned_token_ids`: config EOS, tokenizer EOS / pad, the chat template's
+    (:func:`nanospec_vllm.pinned.pinned_token_ids`: config EOS, tokenizer EOS / pad, the chat template's
     special tokens; 3 ids for Qwen2.5, where every tokenizer special id would be 20 and add 17 to every mean size).
     Stop ids are seeded at admission, as in the runtime."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from ...vllm.runtime import pinned_token_ids
+    from ...pinned import pinned_token_ids
 
     return sorted(pinned_token_ids(AutoConfig.from_pretrained(str(target)), AutoTokenizer.from_pretrained(str(target))))
 

@@ -34,7 +34,7 @@ __all__ = ["build_sets", "main"]
 
 def _pinned(tok, model_config, hot_size: int) -> list[int]:
     from ...config import load_hot_set, shipped_hot_set
-    from ...vllm.runtime import pinned_token_ids
+    from ...pinned import pinned_token_ids
 
     ids = set(pinned_token_ids(model_config, tok))
     hot = shipped_hot_set(tok)

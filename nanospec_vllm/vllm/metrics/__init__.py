@@ -15,7 +15,8 @@ the active set when drafted), ``nanospec_ids_dropped_live`` (ids refused by full
 ``nanospec_fallbacks_total`` (draft calls that had to use the full head), ``nanospec_guarded_drafts_total`` and
 ``nanospec_guard_fires_total`` (request draft steps the break-even guard sent to the full head, and how often a
 request tripped it), ``nanospec_sparse_rows_total`` (request rows the sparse head scored, summed over draft
-positions) and ``nanospec_kernel{impl}`` (1 for the sparse head implementation in use).
+positions), ``nanospec_hooks_outside_step_total`` (draft hooks vLLM called outside ``sample_tokens``: vLLM's head
+drafted them; 0 normally) and ``nanospec_kernel{impl}`` (1 for the sparse head implementation in use).
 
 Importing this package imports neither torch nor prometheus_client; each submodule imports what it needs.
 """

@@ -31,7 +31,7 @@ def merge_payloads(payloads: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     out = dict(payloads[-1])  # gauges: the latest wins
     out["sizes"] = [s for p in payloads for s in p.get("sizes", [])]
-    for k in ("target", "covered", "no_slot", "fallback", "planned", "guarded", "guard_fires", "sparse_rows"):
+    for k in ("target", "covered", "no_slot", "fallback", "planned", "guarded", "guard_fires", "sparse_rows", "no_step"):
         out[k] = sum(int(p.get(k, 0)) for p in payloads)
     return out
 

@@ -31,9 +31,11 @@ MAX_IN_FLIGHT = 8
 _HEAD = 3  # target, covered, dropped; then the sizes
 #: host-side per-step counters: requests that got no slot, draft calls handed to vLLM's head (parallel drafting,
 #: soft cap), NanoSpec rows planned for drafting, those of them the break-even guard sent to the full head, guard
-#: trips (a request going from the sparse to the full head), and rows the sparse head scored (summed over draft
-#: positions: the proof, per run and per rank, that NanoSpec drafted)
-HOST_COUNTERS = ("no_slot", "fallback", "planned", "guarded", "guard_fires", "sparse_rows")
+#: trips (a request going from the sparse to the full head), rows the sparse head scored (summed over draft
+#: positions: the proof, per run and per rank, that NanoSpec drafted), and NanoSpec hooks vLLM called with no open
+#: step (``before_propose`` / a draft position outside ``sample_tokens``: those drafts came from vLLM's head; 0
+#: unless vLLM changed where it drafts)
+HOST_COUNTERS = ("no_slot", "fallback", "planned", "guarded", "guard_fires", "sparse_rows", "no_step")
 
 
 class StepStats:
@@ -57,6 +59,7 @@ class StepStats:
         self.guarded = 0
         self.guard_fires = 0
         self.sparse_rows = 0
+        self.no_step = 0
         self.reset()
 
     def reset(self) -> None:
