@@ -72,6 +72,7 @@ class HeadCounts:
 
     sparse_rows: int = 0  # request rows the sparse head scored
     fallback: int = 0  # 1: the position was handed to vLLM's head although the batch had NanoSpec rows
+    path: str | None = None  # the step's path (ops.cost.PATHS) at the position that decided it, else None
 
 
 def _vllm_tp_group() -> Any:
@@ -235,7 +236,10 @@ class SparseDraftHead:
         greedy = not proposer._enable_probabilistic_draft_probs or sampling_metadata.all_greedy
         if not greedy and self.binding.soft_cap is not None:
             return None, HeadCounts(fallback=1)  # soft-capped logits: the pruned softmax needs the raw scores
-        counts = HeadCounts(sparse_rows=len(plan.on_rows))  # host-known: the rows this position's head scores
+        new_step = self._step is None or self._step() is not batch
+        path, _ = self.step_path(batch)  # decided at the step's first position, cached for the others
+        # host-known: the rows this position's head scores, and the path once per step
+        counts = HeadCounts(sparse_rows=len(plan.on_rows), path=path if new_step else None)
         if greedy:
             return (self._greedy(proposer, hidden, batch), None), counts
         return self._probabilistic(proposer, hidden, sampling_metadata, batch), counts

@@ -305,6 +305,8 @@ class NanoSpecRuntime:
         out, counts = self.head.sample(proposer, hidden, sampling_metadata, ctx.batch)
         self.stats.fallback += counts.fallback
         self.stats.sparse_rows += counts.sparse_rows
+        if counts.path is not None:
+            self.stats.count_path(counts.path)
         return out
 
     def after_propose(self, draft_ids: Any) -> None:

@@ -59,6 +59,8 @@ def test_union_and_auto_draft_like_per_request_without_host_reads(device: str, g
     assert events == [], f"host reads of device data: {events}"
     want = "dense" if model is DENSE_ONLY else "union"
     assert rt.head.path_steps[want] == 2 and sum(rt.head.path_steps.values()) == 2
+    tot = rt.stats.totals  # the same counts reach the statistics (JSON totals, /metrics), once per step
+    assert tot[f"path_{want}"] == 2 and sum(tot[f"path_{p}"] for p in ("per_request", "union", "dense")) == 2
     if want == "union":  # exact: the same drafts and the same pruned distributions
         for a, b in zip(drafts, ref_drafts, strict=True):
             assert torch.equal(a, b)

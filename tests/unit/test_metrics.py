@@ -30,13 +30,18 @@ def test_step_stats_drain_counts_and_resets():
     st.guard_fires += 1
     st.sparse_rows += 6
     st.no_step += 2
+    st.count_path("union")
+    st.count_path("per_request")
+    st.count_path("union")
+    with pytest.raises(ValueError, match="unknown head path"):
+        st.count_path("sideways")
     p = st.drain(pool, "native")
     assert p == {"slots_in_use": 1, "sizes": [8, 4], "target": 7, "covered": 5, "dropped_live": 12, "no_slot": 0,
                  "fallback": 1, "planned": 3, "guarded": 2, "guard_fires": 1, "sparse_rows": 6, "no_step": 2,
-                 "impl": "native"}
+                 "path_per_request": 1, "path_union": 2, "path_dense": 0, "impl": "native"}
     q = st.drain(pool, "native")
     assert q["target"] == 0 and q["sizes"] == [] and q["fallback"] == 0 and q["guarded"] == 0
-    assert q["sparse_rows"] == 0 and q["no_step"] == 0
+    assert q["sparse_rows"] == 0 and q["no_step"] == 0 and q["path_union"] == 0
     assert st.totals["guarded"] == 2 and st.totals["planned"] == 3 and st.totals["sparse_rows"] == 6
 
 
@@ -69,6 +74,12 @@ def test_frontend_metrics_and_log_line():
                 "guard_fires": 1})
     assert fm.guarded._value.get() == g0 + 1
     assert fm.log_line().endswith("slots in use 1, full head by the guard 25.0% of drafts")
+    u0, d0, n0 = (fm.paths.labels(path="union")._value.get(), fm.paths.labels(path="dense")._value.get(),
+                  fm.no_step._value.get())
+    fm.observe({"path_union": 3, "path_dense": 1, "path_per_request": 0, "no_step": 2})
+    assert fm.paths.labels(path="union")._value.get() == u0 + 3
+    assert fm.paths.labels(path="dense")._value.get() == d0 + 1
+    assert fm.no_step._value.get() == n0 + 2
 
 
 def test_attach_merges_and_take_empties():
@@ -86,7 +97,7 @@ def test_attach_merges_and_take_empties():
 # ---------------------------------------------------------------- the transport, through vLLM's real classes
 PAYLOAD = {"slots_in_use": 2, "sizes": [100, 300], "target": 10, "covered": 8, "dropped_live": 0, "no_slot": 0,
            "planned": 2, "guarded": 1, "guard_fires": 1, "sparse_rows": 0, "no_step": 0,
-           "fallback": 0, "impl": "native"}
+           "path_per_request": 0, "path_union": 3, "path_dense": 1, "fallback": 0, "impl": "native"}
 EC_STATS = {"num_loads": 3, "bytes": [1, 2]}  # what an EC connector would report (ECConnectorStats.data)
 
 

@@ -16,7 +16,8 @@ the active set when drafted), ``nanospec_ids_dropped_live`` (ids refused by full
 ``nanospec_guard_fires_total`` (request draft steps the break-even guard sent to the full head, and how often a
 request tripped it), ``nanospec_sparse_rows_total`` (request rows the sparse head scored, summed over draft
 positions), ``nanospec_hooks_outside_step_total`` (draft hooks vLLM called outside ``sample_tokens``: vLLM's head
-drafted them; 0 normally) and ``nanospec_kernel{impl}`` (1 for the sparse head implementation in use).
+drafted them; 0 normally), ``nanospec_head_path_steps_total{path}`` (draft steps per sparse-head path:
+per_request, union, dense) and ``nanospec_kernel{impl}`` (1 for the sparse head implementation in use).
 
 Importing this package imports neither torch nor prometheus_client; each submodule imports what it needs.
 """

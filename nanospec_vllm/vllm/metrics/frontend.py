@@ -41,6 +41,8 @@ class FrontendMetrics:
         self.guard_fires = Counter("nanospec_guard_fires", "Times a request went from the sparse to the full head")
         self.sparse_rows = Counter("nanospec_sparse_rows",
                                    "Request rows the sparse head scored, summed over draft positions")
+        self.paths = Counter("nanospec_head_path_steps", "Draft steps per sparse-head path (kernel: auto chooses "
+                             "per step among per_request, union, dense)", ["path"])
         self.no_step = Counter("nanospec_hooks_outside_step",
                                "NanoSpec draft hooks vLLM called outside sample_tokens (drafted by vLLM's head)")
         self.kernel = Gauge("nanospec_kernel", "Sparse head implementation in use (1 = this impl)", ["impl"],
@@ -82,6 +84,9 @@ class FrontendMetrics:
             self.sparse_rows.inc(p["sparse_rows"])
         if p.get("no_step"):
             self.no_step.inc(p["no_step"])
+        for path in ("per_request", "union", "dense"):
+            if p.get(f"path_{path}"):
+                self.paths.labels(path=path).inc(p[f"path_{path}"])
         self.win_planned += p.get("planned", 0)
         self.win_guarded += p.get("guarded", 0)
         self.win_sizes += sum(p.get("sizes", []))

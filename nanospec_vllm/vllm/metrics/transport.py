@@ -31,7 +31,8 @@ def merge_payloads(payloads: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     out = dict(payloads[-1])  # gauges: the latest wins
     out["sizes"] = [s for p in payloads for s in p.get("sizes", [])]
-    for k in ("target", "covered", "no_slot", "fallback", "planned", "guarded", "guard_fires", "sparse_rows", "no_step"):
+    for k in ("target", "covered", "no_slot", "fallback", "planned", "guarded", "guard_fires", "sparse_rows", "no_step",
+              "path_per_request", "path_union", "path_dense"):
         out[k] = sum(int(p.get(k, 0)) for p in payloads)
     return out
 

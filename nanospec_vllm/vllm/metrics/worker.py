@@ -24,7 +24,7 @@ import torch
 
 from ...hostcopy import LaggedHostCopies
 
-__all__ = ["HOST_COUNTERS", "StepStats"]
+__all__ = ["HOST_COUNTERS", "PATH_COUNTERS", "StepStats"]
 
 #: staged steps kept before the oldest one is waited for (the GPU is never this far behind in vLLM)
 MAX_IN_FLIGHT = 8
@@ -34,8 +34,11 @@ _HEAD = 3  # target, covered, dropped; then the sizes
 #: trips (a request going from the sparse to the full head), rows the sparse head scored (summed over draft
 #: positions: the proof, per run and per rank, that NanoSpec drafted), and NanoSpec hooks vLLM called with no open
 #: step (``before_propose`` / a draft position outside ``sample_tokens``: those drafts came from vLLM's head; 0
-#: unless vLLM changed where it drafts)
-HOST_COUNTERS = ("no_slot", "fallback", "planned", "guarded", "guard_fires", "sparse_rows", "no_step")
+#: unless vLLM changed where it drafts), and the steps the sparse head took each path (``path_<path>`` for the
+#: paths of :data:`nanospec_vllm.ops.cost.PATHS`: per-request gather, union, dense; chosen per step under
+#: ``kernel: auto``)
+PATH_COUNTERS = ("path_per_request", "path_union", "path_dense")
+HOST_COUNTERS = ("no_slot", "fallback", "planned", "guarded", "guard_fires", "sparse_rows", "no_step", *PATH_COUNTERS)
 
 
 class StepStats:
@@ -60,7 +63,15 @@ class StepStats:
         self.guard_fires = 0
         self.sparse_rows = 0
         self.no_step = 0
+        self.path_per_request = self.path_union = self.path_dense = 0
         self.reset()
+
+    def count_path(self, path: str) -> None:
+        """One draft step took ``path`` (``per_request``, ``union`` or ``dense``)."""
+        name = f"path_{path}"
+        if name not in PATH_COUNTERS:
+            raise ValueError(f"unknown head path {path!r}")
+        setattr(self, name, getattr(self, name) + 1)
 
     def reset(self) -> None:
         """Start a new step's device counters (``acc = [target, covered]``) and size list."""
