@@ -112,7 +112,7 @@ def test_screen_extra_ids_are_scored_exactly_not_added():
 
 def test_parse_policy_and_aggregate():
     p = parse_policy("topk-16+hot-1024+fifo+rank+screen-64-32")
-    assert (p.target_topk, p.hot, p.full_policy, p.order, p.screen_r, p.screen_m) == (16, 1024, "fifo", "rank", 64, 32)
+    assert (p.target_topk, p.hot, p.full_policy, p.order, p.screen_r, p.screen_m) == (16, 1024, "fifo", "runtime", 64, 32)
     assert parse_policy("paper").prompt_topk and parse_policy("paper").target_topk == 3
     with pytest.raises(ValueError):
         parse_policy("topk-3+bogus")
@@ -125,3 +125,17 @@ def test_parse_policy_and_aggregate():
     assert g["coverage"] == pytest.approx(r1.covered / r1.drafted)
     assert g["tau_ratio"] == pytest.approx(r1.tau_sparse / r1.tau_full)
     assert len(g["coverage_pos"]) == 2 and sum(g["misses"].values()) == r1.drafted - r1.covered
+
+
+def test_replay_candidate_order_is_the_runtimes() -> None:
+    """The replay orders a verification's candidates as the runtime does (step.verified_update: emitted, then all
+    top-1s, then all top-2s), not row by row as it once did; ``+row`` keeps the old order for comparison."""
+    import numpy as np
+
+    from nanospec_vllm.tools.bench.coverage_replay import _order_candidates, parse_policy
+
+    top = np.array([[10, 11, 12], [20, 21, 22]])
+    assert _order_candidates([5, 6], top, "runtime") == [5, 6, 10, 20, 11, 21, 12, 22]
+    assert _order_candidates([5, 6], top, "row") == [5, 6, 10, 11, 12, 20, 21, 22]
+    assert _order_candidates([5], None, "runtime") == [5]
+    assert parse_policy("defaults").order == "runtime" and parse_policy("paper+row").order == "row"

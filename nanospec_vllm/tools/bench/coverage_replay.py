@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ...state import ActiveVocabPool
+from ...step import verified_update
 from .coverage_cache import TOP_PROMPT, TOP_TARGET
 
 MISS_REASONS = ("never", "beyond_topk", "dropped", "other")
@@ -32,7 +33,8 @@ class Policy:
     hot: int = 0  # first N ids of the hot-set file, pinned
     all_ids: bool = False  # every id active (agreement must be 1.0)
     full_policy: str = "stop"
-    order: str = "runtime"  # runtime: emitted, then per position top-1..k | rank: emitted, then all top-1s, ...
+    order: str = "runtime"  # runtime: step.verified_update's (emitted, then every position's top-1, then top-2, ...)
+    #                        | row: emitted, then position 1's top-1..k, position 2's, ... (before the runtime's)
     sorted_batches: bool = False  # emulate the old pool (each batch sorted: lowest ids win a full set)
     screen_r: int = 0
     screen_m: int = 0
@@ -52,8 +54,9 @@ def _defaults_policy(path: Path | None = None) -> Policy:
 
 def parse_policy(name: str) -> Policy:
     """``base[+modifier...]``. Bases: ``paper``, ``defaults``, ``all``, ``topk-N``. Modifiers: ``hot-M``,
-    ``cap-C``, ``fifo``, ``ptopk`` (top-k at prompt positions), ``nodraft``, ``noprompt``, ``rank`` (candidate order: emitted,
-    then every position's top-1, then top-2, ...), ``sorted`` (old pool: lowest ids win a full set),
+    ``cap-C``, ``fifo``, ``ptopk`` (top-k at prompt positions), ``nodraft``, ``noprompt``, ``rank`` (the runtime's
+    candidate order, the default: emitted, then every position's top-1, then top-2, ...), ``row`` (row-major:
+    each position's top-1..k in turn), ``sorted`` (old pool: lowest ids win a full set),
     ``screen-R-M`` (rank-R screen, its top-M scored exactly with the set)."""
     parts = name.strip().split("+")
     base, mods = parts[0], parts[1:]
@@ -81,7 +84,9 @@ def parse_policy(name: str) -> Policy:
         elif m == "noprompt":
             p = replace(p, seed_from_prompt=False)
         elif m == "rank":
-            p = replace(p, order="rank")
+            p = replace(p, order="runtime")
+        elif m == "row":
+            p = replace(p, order="row")
         elif m == "sorted":
             p = replace(p, sorted_batches=True)
         elif m.startswith("screen-"):
@@ -225,11 +230,17 @@ def _chain_full(y: np.ndarray, full: np.ndarray, k: int) -> tuple[int, int]:
 
 
 def _order_candidates(emitted: Sequence[int], top: np.ndarray | None, order: str) -> list[int]:
-    """The runtime's candidate row: emitted tokens, then the verified rows' top-k (row-major), or rank-major."""
+    """The candidates a verification adds, in the order that decides who wins a full set. ``runtime``: the
+    runtime's own :func:`nanospec_vllm.step.verified_update` on the same inputs (emitted tokens, then every
+    verified position's top-1, then top-2, ...); ``row``: emitted, then each position's top-k in turn."""
+    if order == "runtime":
+        s = torch.tensor([list(map(int, emitted))], dtype=torch.int64)
+        topk = None if top is None or not top.size else torch.from_numpy(np.ascontiguousarray(top)).long()
+        upd = verified_update(s, torch.tensor([len(emitted) - 1]), torch.tensor([0]), topk)
+        return [int(t) for t in upd.new_ids[0].tolist() if t >= 0]
     out = [int(t) for t in emitted]
     if top is not None and top.size:
-        src = top if order == "runtime" else top.T
-        out += [int(t) for t in src.reshape(-1)]
+        out += [int(t) for t in top.reshape(-1)]
     return out
 
 
@@ -271,8 +282,8 @@ def simulate(data: PromptData, policy: Policy, scorer: DraftScorer, k: int, pinn
         extend(seed)
         if policy.prompt_topk and data.prompt_top is not None and kk > 0:
             pt = data.prompt_top[:, :kk]
-            for c in range(0, len(pt), 256):
-                extend([int(t) for t in pt[c: c + 256].reshape(-1)])
+            for c in range(0, len(pt), 256):  # rank-major, as the runtime's _add_prompt_topk
+                extend([int(t) for t in pt[c: c + 256].T.reshape(-1)])
     if n == 0:
         return res
 
