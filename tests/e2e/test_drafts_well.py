@@ -101,3 +101,6 @@ def test_default_policy_coverage_and_acceptance(on_off):
     assert acc_off > 0.8 * drafts_off
     assert acc_on / drafts_on > 0.3 * (acc_off / drafts_off), (acc_on, drafts_on, acc_off, drafts_off)
     assert acc_on <= acc_off + 0.02 * drafts_off  # a pruned head cannot beat the exact one by more than noise
+    # the set missed target tokens at drafted positions (covered < target above), and a draft from the set cannot
+    # be a missed token: strictly below the full head's rate. vLLM's head drafting in its place would equal it.
+    assert acc_on / drafts_on < acc_off / drafts_off, (acc_on, drafts_on, acc_off, drafts_off)

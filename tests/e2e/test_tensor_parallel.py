@@ -136,6 +136,7 @@ def check_ranks(res: dict[str, Any], vocab_size: int = 151_936) -> None:
     for r in ranks:
         assert r["totals"]["target"] > 0, r  # NanoSpec drafted (and was verified) on this rank
         assert r["totals"]["sparse_rows"] > 0 and r["totals"]["fallback"] == 0, r  # with its own sparse head
+        assert r["totals"]["no_step"] == 0, r  # every draft hook ran inside a step on this rank
         assert r["in_use"] == 0, r  # finished requests released their slots
     assert ranks[0]["digest"] == ranks[1]["digest"], "the ranks' slot pools diverged"
     assert ranks[0]["totals"] == ranks[1]["totals"]
