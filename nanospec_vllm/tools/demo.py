@@ -149,6 +149,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--num-prompts", type=int, default=6)
     ap.add_argument("--log", default=None, help="server log file (default: a temp file)")
     ap.add_argument("--no-core-check", action="store_true", help="skip the core check before serving")
+    ap.add_argument("--json", default=None, help="also write the three rows' figures to this file")
     a = ap.parse_args(argv)
     setting = SETTINGS[a.setting]
     a.target = a.target or setting["target"]
@@ -207,7 +208,10 @@ def main(argv: list[str]) -> int:
         modes.update(_measure(server.base, model, prompts, a.max_tokens, ("no-spec",)))
     finally:
         server.stop()
-    return _report(modes, prompts)
+    meta = {"command": "nanospec demo " + " ".join(argv), "setting": a.setting, "target": model,
+            "config": a.config, "max_tokens": a.max_tokens, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{os.cpu_count()} CPU cores"}
+    return _report(modes, prompts, a.json, meta)
 
 
 _KEYS = ("vllm:spec_decode_num_accepted_tokens_total", "vllm:spec_decode_num_draft_tokens_total",
@@ -241,27 +245,43 @@ def _measure(base: str, model: str, prompts: list[str], max_tokens: int, order: 
     return modes
 
 
-def _report(modes: dict, prompts: list[str]) -> int:
+def summarize(modes: dict, prompts: list[str]) -> dict:
+    """The three rows' figures (tokens/s median and per prompt, acceptance, tau, active set, coverage), the output
+    agreement counts and the fastest row: what ``--json`` writes and the report prints."""
+    rows = {}
+    for mode in ("no-spec", "off", "on"):
+        d = modes[mode]["d"]
+        rows[mode] = {"label": _LABELS[mode], "tokens_per_s": statistics.median(modes[mode]["tps"]),
+                      "tokens_per_s_per_prompt": [round(x, 3) for x in modes[mode]["tps"]],
+                      "draft_acceptance": d[_KEYS[0]] / d[_KEYS[1]] if d.get(_KEYS[1]) else None,
+                      "tau": 1 + d[_KEYS[0]] / d[_KEYS[2]] if d.get(_KEYS[2]) else None,
+                      "mean_active": d[_KEYS[3]] / d[_KEYS[4]] if d.get(_KEYS[4]) else None,
+                      "coverage": d[_KEYS[6]] / d[_KEYS[5]] if d.get(_KEYS[5]) else None}
+    speed = {m: r["tokens_per_s"] for m, r in rows.items()}
+    return {"rows": rows, "prompts": len(prompts),
+            "same_as_head": sum(x == y for x, y in zip(modes["on"]["texts"], modes["off"]["texts"])),
+            "same_as_no_spec": sum(x == y for x, y in zip(modes["on"]["texts"], modes["no-spec"]["texts"])),
+            "fastest": max(speed, key=speed.get)}
+
+
+def _report(modes: dict, prompts: list[str], json_path: str | None = None, meta: dict | None = None) -> int:
     """Three rows (no speculation, the head, the head with NanoSpec) and which is fastest. Exit 1 when NanoSpec's
     outputs differ from the same head's without it (the lossless claim); outputs of no speculation may differ
-    from any speculation in bf16 (vLLM's verification numerics), so they are counted, not required."""
+    from any speculation in bf16 (vLLM's verification numerics), so they are counted, not required.
+    ``json_path``: also write :func:`summarize`'s figures (with ``meta``: command, setting, date) there."""
+    s = summarize(modes, prompts)
     print(f"{'configuration':<20} {'tok/s (median)':>15} {'draft accept':>13} {'tau':>6} {'active set':>11} "
           f"{'coverage':>9}")
     speed = {}
-    for mode in ("no-spec", "off", "on"):
-        d = modes[mode]["d"]
-        acc = d[_KEYS[0]] / d[_KEYS[1]] if d.get(_KEYS[1]) else None
-        tau = 1 + d[_KEYS[0]] / d[_KEYS[2]] if d.get(_KEYS[2]) else None
-        size = d[_KEYS[3]] / d[_KEYS[4]] if d.get(_KEYS[4]) else None
-        cov = d[_KEYS[6]] / d[_KEYS[5]] if d.get(_KEYS[5]) else None
-        speed[mode] = statistics.median(modes[mode]["tps"])
+    for mode, r in s["rows"].items():
+        acc, tau, size, cov = r["draft_acceptance"], r["tau"], r["mean_active"], r["coverage"]
+        speed[mode] = r["tokens_per_s"]
         print(f"{_LABELS[mode]:<20} {speed[mode]:>15.1f} {(f'{acc:.1%}' if acc is not None else '-'):>13} "
               f"{(f'{tau:.2f}' if tau is not None else '-'):>6} {(f'{size:.0f}' if size is not None else '-'):>11} "
               f"{(f'{cov:.1%}' if cov is not None else '-'):>9}")
-    n = len(prompts)
-    same = sum(x == y for x, y in zip(modes["on"]["texts"], modes["off"]["texts"]))
-    same_plain = sum(x == y for x, y in zip(modes["on"]["texts"], modes["no-spec"]["texts"]))
-    fastest = max(speed, key=speed.get)
+    n, same, same_plain, fastest = len(prompts), s["same_as_head"], s["same_as_no_spec"], s["fastest"]
+    if json_path:
+        Path(json_path).write_text(json.dumps(dict(meta or {}, **s), indent=1) + "\n")
     print(f"\noutputs identical, head + NanoSpec vs the head without it: {same}/{n}; vs no speculation: "
           f"{same_plain}/{n}")
     print(f"head + NanoSpec: {speed['on'] / speed['off']:.2f}x the head without it, "

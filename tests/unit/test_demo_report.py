@@ -32,3 +32,17 @@ def test_a_nanospec_output_that_differs_fails(capsys) -> None:
     # no speculation differing from speculation (bf16 numerics) is reported, not a failure
     modes = {"no-spec": _mode([30.0], ["z"]), "off": _mode([20.0], ["a"]), "on": _mode([40.0], ["a"])}
     assert _report(modes, ["p"]) == 0
+
+
+def test_json_has_the_printed_figures(tmp_path, capsys) -> None:
+    import json
+
+    modes = {"no-spec": _mode([30.0, 32.0], ["a", "b"]),
+             "off": _mode([20.0, 22.0], ["a", "b"], 30, 90, 30),
+             "on": _mode([27.0, 29.0], ["a", "c"], 30, 90, 30)}
+    out = tmp_path / "demo.json"
+    assert _report(modes, ["p", "q"], str(out), {"setting": "eagle"}) == 1
+    d = json.loads(out.read_text())
+    assert d["setting"] == "eagle" and d["prompts"] == 2 and d["fastest"] == "no-spec"
+    assert d["rows"]["on"]["tokens_per_s"] == 28.0 and d["rows"]["off"]["tau"] == 2.0
+    assert (d["same_as_head"], d["same_as_no_spec"]) == (1, 1)
