@@ -70,17 +70,23 @@ def _post(base: str, body: dict) -> dict:
 #: What ``make demo`` can show. ``eagle`` is the setting NanoSpec was made for (the head's lm_head is most of the
 #: draft cost); ``draft_model`` is a 0.5B drafter whose lm_head is a minority of its cost.
 SETTINGS = {
-    "eagle": {"target": "qwen2.5-coder-0.5b", "config": "examples/eagle-cpu.yaml", "head": True},
+    "eagle": {"target": "qwen2.5-coder-0.5b", "config": "examples/eagle-cpu.yaml",
+              "head": "eagle1-qwen2.5-coder-0.5b", "train": ["qwen2.5-coder-0.5b"]},
+    "eagle3": {"target": "qwen2.5-coder-0.5b", "config": "examples/eagle3-cpu.yaml",
+               "head": "eagle3-qwen2.5-coder-0.5b-full",
+               "train": ["qwen2.5-coder-0.5b", "--arch", "eagle3", "--draft-vocab", "0",
+                         "--data", "calibration,selfprompt", "--budget-min", "30"]},
     "draft_model": {"target": "qwen2.5-coder-1.5b", "config": "nanospec.yaml"},
 }
 DEFAULT_SETTING = "eagle"
 
 
-def setting_head() -> Path:
-    """Where ``nanospec train-eagle qwen2.5-coder-0.5b`` puts its head (what ``examples/eagle-cpu.yaml`` names)."""
+def setting_head(setting: str = DEFAULT_SETTING) -> Path | None:
+    """Where the setting's ``nanospec train-eagle`` command puts its head (what its example config names)."""
     from .assets import cache_root
 
-    return cache_root() / "heads" / "eagle1-qwen2.5-coder-0.5b"
+    head = SETTINGS[setting].get("head")
+    return None if head is None else cache_root() / "heads" / head
 
 
 def core_check(model_dir: Path, prompt: str, steps: int = 24, capacity: int = 3072, k: int = 3) -> bool:
@@ -139,8 +145,9 @@ def main(argv: list[str]) -> int:
 
     ap = argparse.ArgumentParser(prog="nanospec demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--setting", choices=sorted(SETTINGS), default=DEFAULT_SETTING,
-                    help="eagle: the 0.5B target with its trained EAGLE-1 head (trained and cached on first use, "
-                         "~20 min); draft_model: the 1.5B target with the 0.5B drafter")
+                    help="eagle: the 0.5B target with its trained EAGLE-1 head; eagle3: with its trained EAGLE-3 "
+                         "head (full vocabulary); each trained and cached on first use; draft_model: the 1.5B "
+                         "target with the 0.5B drafter")
     ap.add_argument("--target", default=None, help="prepared model name or a model folder (default: the setting's)")
     ap.add_argument("--config", default=None, help="speculative config file (default: the setting's)")
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -154,12 +161,13 @@ def main(argv: list[str]) -> int:
     setting = SETTINGS[a.setting]
     a.target = a.target or setting["target"]
     a.config = a.config or str(configs_dir() / setting["config"])
-    if a.setting == "eagle" and setting.get("head") and not (setting_head() / "config.json").is_file():
+    head = setting_head(a.setting)
+    if head is not None and not (head / "config.json").is_file():
         print("nanospec demo: training the EAGLE head first (once; cached): nanospec train-eagle "
-              f"{setting['target']}", flush=True)
+              f"{' '.join(setting['train'])}", flush=True)
         from .eagle.train import train_eagle
 
-        train_eagle([setting["target"]])
+        train_eagle(list(setting["train"]))
 
     target = Path(a.target) if Path(a.target).is_dir() else model_path(a.target)
     if target is None:

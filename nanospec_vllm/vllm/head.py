@@ -16,8 +16,10 @@ on a device with a fitted cost model (:func:`..ops.cost.model_for`: the CPU toda
 per-request kernel, the union path and the dense head from the batch size and the sizes of earlier steps (sum of
 the set sizes and union size, copied back lagged: :class:`..hostcopy.LaggedHostCopies`, never waited for);
 elsewhere the per-request kernel (and the static ``dense_fallback_ratio`` rule). The sets do not change between
-the draft positions of a step, so the union's rows are gathered once per step, at its first position, and
-reused at the others: the plan is kept with a weak reference to the step's context, so it is dropped with it.
+the draft positions of a step, so the path is decided and the union's rows are gathered once per step, as soon as
+the runtime has frozen the step's batch (:meth:`SparseDraftHead.prepare`; on CUDA on a side stream, overlapping
+the drafter's first forward), and reused at every position: the plan is kept with a weak reference to the step's
+batch, so it is dropped with it.
 
 Data flow: the runtime freezes the step's :class:`DraftBatch` (plan, slot rows, on/off indices, the on rows' active
 ids and counts) once the sets are final, and every draft position passes it to :meth:`SparseDraftHead.sample`,
@@ -110,6 +112,10 @@ class SparseDraftHead:
         self._sizes = LaggedHostCopies(SIZE_RING, 3, torch.int64, torch.device(device), self._read_sizes)
         self._positions = 1  # draft positions per step (the proposer's num_speculative_tokens)
         self._probes = 0  # steps where a union-size probe was due
+        self._unreported = False  # the cached step's path is not yet in the statistics (reported once it drafts)
+        self.device = torch.device(device)
+        self._side: Any = None  # CUDA: the side stream prepare() issues the union gather on
+        self._ready: Any = None  # CUDA: the event the first draft position waits for
         self._union_share = 1.0  # union / sum of the sets at the last measurement (1.0: none yet)
 
     def host_buffers(self) -> list[torch.Tensor]:
@@ -185,7 +191,7 @@ class SparseDraftHead:
             size = torch.full_like(total, -1)
         if size is not None:
             self._sizes.push(torch.stack([torch.full_like(total, B), total, size.long()]))
-        self.path_steps[path] += 1
+        self._unreported = True
         self._step, self._path, self._plan = weakref.ref(batch, self._forget), path, plan
         return path, plan
 
@@ -199,6 +205,38 @@ class SparseDraftHead:
             return False
         self._probes += 1
         return self._probes % PROBE_EVERY == 1 or PROBE_EVERY == 1
+
+    def prepare(self, batch: DraftBatch) -> None:
+        """Decide the step's path, and on the union path gather the union's rows, as soon as the batch is frozen:
+        before the drafter's first forward instead of at its first draft position. On CPU this runs in order.
+
+        CUDA only (not run on this project's CPU test machines): the work is issued on a side stream that first
+        waits for the current stream (the sets' updates), the plan's tensors are recorded on the current stream
+        for the caching allocator, and the first draft position waits for the side stream's event
+        (:meth:`_wait_prepared`), so the gather overlaps the drafter's forward: the paper's asynchronous gather.
+        Nothing is prepared before the head is bound (the drafter not loaded yet: the first position decides)."""
+        if self.binding is None or batch.active is None:
+            return
+        if self.device.type != "cuda":
+            self.step_path(batch)
+            return
+        main = torch.cuda.current_stream(self.device)
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
+            _, plan = self.step_path(batch)
+            self._ready = torch.cuda.Event()
+            self._ready.record(self._side)
+        if plan is not None:
+            for t in (plan.rows, plan.size, plan.col, plan.valid, plan.fits, plan.weight_rows):
+                t.record_stream(main)
+
+    def _wait_prepared(self) -> None:
+        """CUDA: make the current stream wait for :meth:`prepare`'s side-stream work (a device-side wait)."""
+        if self._ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._ready)
+            self._ready = None
 
     def _forget(self, ref: Any) -> None:
         """The step's batch is gone: drop its plan (the buffers stay in the workspace)."""
@@ -236,10 +274,13 @@ class SparseDraftHead:
         greedy = not proposer._enable_probabilistic_draft_probs or sampling_metadata.all_greedy
         if not greedy and self.binding.soft_cap is not None:
             return None, HeadCounts(fallback=1)  # soft-capped logits: the pruned softmax needs the raw scores
-        new_step = self._step is None or self._step() is not batch
-        path, _ = self.step_path(batch)  # decided at the step's first position, cached for the others
+        self._wait_prepared()
+        path, _ = self.step_path(batch)  # decided by prepare() or at the step's first position, then cached
+        report, self._unreported = self._unreported, False
+        if report:
+            self.path_steps[path] += 1
         # host-known: the rows this position's head scores, and the path once per step
-        counts = HeadCounts(sparse_rows=len(plan.on_rows), path=path if new_step else None)
+        counts = HeadCounts(sparse_rows=len(plan.on_rows), path=path if report else None)
         if greedy:
             return (self._greedy(proposer, hidden, batch), None), counts
         return self._probabilistic(proposer, hidden, sampling_metadata, batch), counts

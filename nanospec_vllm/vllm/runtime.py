@@ -259,6 +259,7 @@ class NanoSpecRuntime:
         if active is not None:
             self.stats.record_sizes(active[1])
         ctx.batch = DraftBatch(plan, slots, on_idx, off_idx, active)
+        self.head.prepare(ctx.batch)  # the step's path and union gather now (CUDA: overlapping the drafter)
 
     def _verified(self, sampled: torch.Tensor | list[list[int]], slots: torch.Tensor, idx: torch.Tensor,
                   nd: torch.Tensor | None, starts: torch.Tensor, topk: torch.Tensor | None) -> None:

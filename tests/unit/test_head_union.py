@@ -125,3 +125,28 @@ def test_lagged_size_scaling() -> None:
     assert h.lagged_sizes(8, 100) == (8000, 3000)
     assert h.lagged_sizes(16, 100) == (16000, 6000)  # more rows: sum and union scaled up
     assert h.lagged_sizes(2, 100) == (2000, 2000)  # fewer rows: the union is kept, at most the sum
+
+
+def test_union_is_gathered_when_the_batch_is_frozen(monkeypatch) -> None:
+    """prepare(): the union's rows are gathered in before_propose (on CUDA on a side stream, overlapping the
+    drafter's first forward), not at the first draft position; the positions reuse that plan."""
+    from types import SimpleNamespace as NS
+
+    calls = []
+    real = head_mod.prepare_union
+    monkeypatch.setattr(head_mod, "prepare_union", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    w = torch.randn(V, H, generator=torch.Generator().manual_seed(0))
+    r, rt, proposer = _runner({"target_topk": 2, "capacity": 64, "kernel": "union"}, "cpu", w)
+    rt.head.bind(proposer.model)
+    _admit(r, rt, REQS)
+    logits, sampled, hidden = _inputs("cpu")
+    proposer._enable_probabilistic_draft_probs = False
+    rt.begin_step()
+    rt.on_verification_logits(logits)
+    rt.before_propose(r, sampled, NS(num_draft_tokens=[2, 1, 2]), hidden, NS(query_start_loc_cpu=torch.tensor([0, 3, 5, 6])))
+    assert calls == [1] and rt.head._plan is not None  # gathered before any draft position
+    for pos in range(2):
+        rt.draft(proposer, hidden[pos * 3: pos * 3 + 3], NS(all_greedy=True))
+    assert calls == [1]
+    rt.end_step()
+    assert rt.stats.totals["path_union"] == 1 and rt.head.path_steps["union"] == 1
