@@ -6,7 +6,10 @@ union), for a head of ``Vw`` rows x ``H``:
 * ``per_request`` -- the per-request kernel (native / Triton): reads ``S`` rows, one dot product each;
 * ``union``       -- :mod:`.union`: gathers the union's rows once per step into a buffer of ``N`` rows (a
   bucket >= ``U``, :func:`union_bucket`), then one ``[B, H] x [H, N]`` fp32 GEMM per draft position;
-* ``dense``       -- the full head in the weight's dtype, masked to the sets (``dense_masked_scores``).
+* ``dense``       -- vLLM's own full head: the vLLM integration hands such a step back (unmasked, from the full
+  vocabulary: still lossless, as the target verifies every draft), so it costs what speculation without NanoSpec
+  costs. (The static ``dense_fallback_ratio`` rule inside :func:`.sparse_head` is another thing: the full head
+  masked to the sets, ``dense_masked_scores``.)
 
 Model, in microseconds per draft position (``K`` positions share one union gather)::
 
@@ -26,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-__all__ = ["CPU_MODEL", "PATHS", "CostModel", "StepSizes", "choose", "fit", "model_for", "predict",
+__all__ = ["CPU_MODEL", "H200_MODEL", "PATHS", "CostModel", "StepSizes", "choose", "fit", "model_for", "predict",
            "union_bucket"]
 
 PATHS = ("per_request", "union", "dense")
@@ -48,8 +51,8 @@ class StepSizes:
 class CostModel:
     per_request: tuple[float, float]  # a0, a1
     dense: tuple[float, float, float]  # d0, d1, d2
-    union_prepare: tuple[float, float, float]  # p0, p1, p2
-    union_score: tuple[float, float, float]  # s0, s1, s2
+    union_prepare: tuple[float, float, float] | None  # p0, p1, p2 (None: the union path was not measured)
+    union_score: tuple[float, float, float] | None  # s0, s1, s2 (None: idem; then it is never chosen)
     source: str = ""  # how the constants were obtained
 
 
@@ -72,12 +75,15 @@ def predict(m: CostModel, z: StepSizes, union_rows: int | None = None) -> dict[s
     n = max(1, z.union if union_rows is None else union_rows)
     a0, a1 = m.per_request
     d0, d1, d2 = m.dense
-    p0, p1, p2 = m.union_prepare
-    s0, s1, s2 = m.union_score
     H, V, B = z.hidden, z.vocab_rows, z.batch
+    union = float("inf")  # not measured on this device: never chosen
+    if m.union_prepare is not None and m.union_score is not None:
+        p0, p1, p2 = m.union_prepare
+        s0, s1, s2 = m.union_score
+        union = (p0 + p1 * V + p2 * n * H) / max(1, z.positions) + s0 + s1 * n * H + s2 * B * n * H
     return {
         "per_request": a0 + a1 * z.sum_sets * H,
-        "union": (p0 + p1 * V + p2 * n * H) / max(1, z.positions) + s0 + s1 * n * H + s2 * B * n * H,
+        "union": union,
         "dense": d0 + d1 * V * H + d2 * B * V * H,
     }
 
@@ -123,15 +129,22 @@ def _lstsq_nonneg(xs: list[list[float]], ys: list[float]) -> list[float]:
     return [float(v) for v in coef]
 
 
-def fit(rows: Iterable[Mapping], source: str = "") -> CostModel:
+def fit(rows: Iterable[Mapping], source: str = "", union: bool = True) -> CostModel:
     """Fit the constants from benchmark rows: dicts with ``path`` (``per_request``, ``dense``, ``union`` = gather
     + one position, ``union_score`` = one position with the gather done), ``median_us``, ``hidden``, ``vocab``,
     ``batch``, ``sum_sets`` and ``union_rows`` (the union buffer). ``union_prepare`` is fitted on ``union`` minus
-    the ``union_score`` of the same shape."""
+    the ``union_score`` of the same shape. ``union=False``: a run without union rows (an older ``bench kernels``
+    run): the model has no union constants and never chooses that path."""
     rows = list(rows)
     by: dict[str, list[Mapping]] = {p: [r for r in rows if r["path"] == p] for p in
                                     ("per_request", "dense", "union", "union_score")}
     out = {}
+    if not union:
+        for path in ("per_request", "dense"):
+            if not by[path]:
+                raise ValueError(f"no {path} rows to fit")
+            out[path] = _lstsq_nonneg([_features(path, r) for r in by[path]], [r["median_us"] for r in by[path]])
+        return CostModel(tuple(out["per_request"]), tuple(out["dense"]), None, None, source)
     for path in ("per_request", "dense", "union_score"):
         sel = by[path]
         if not sel:
@@ -155,7 +168,7 @@ def _shape(r: Mapping) -> tuple:
 #: kernel, bf16 heads, random full sets of 3,072 ids, batch 1-256, four head shapes (docs/benchmarks/union-cpu.md).
 CPU_MODEL = CostModel(
     per_request=(9021.0, 0.0012695),
-    dense=(212556.0, 0.00014680, 4.2604e-05),
+    dense=(215066.0, 3.1019e-05, 3.7385e-05),
     union_prepare=(0.0, 0.58956, 0.0012474),
     union_score=(0.0, 0.00042684, 0.00017012),
     source="nanospec bench kernels --device cpu --union --heads qwen2.5-0.5b llama-3.1-8b --budget-s 0.01 and "
@@ -164,7 +177,22 @@ CPU_MODEL = CostModel(
 )
 
 
+#: Fitted on one NVIDIA H200 (graph replay: device time), Triton per-request kernel vs the dense head (vLLM's, which
+#: a ``dense`` step is handed to), bf16 Qwen2.5-0.5B and Llama-3.1-8B heads, random full sets of 256-3,072 ids,
+#: batch 1-256 (docs/benchmarks/kernels-h200.md). That run had no union rows: on CUDA ``auto`` chooses between
+#: the per-request kernel and the dense head only. Other GPUs have the same trade-off at other constants.
+H200_MODEL = CostModel(
+    per_request=(11.841, 6.0404e-07),
+    dense=(28.910, 4.5185e-07, 1.3599e-09),
+    union_prepare=None,
+    union_score=None,
+    source="nanospec bench kernels --device cuda --json /root/out/kernels-h200.json (2026-11-28T17:34:48+00:00), "
+           "fitted by nanospec bench kernels --fit docs/benchmarks/kernels-h200.json",
+)
+
+
 def model_for(device_type: str) -> CostModel | None:
-    """The fitted model of a device type (``cpu``), or None where none was fitted (``cuda`` today: the caller
-    keeps its per-request kernel and the static ``dense_fallback_ratio`` rule)."""
-    return CPU_MODEL if device_type == "cpu" else None
+    """The fitted model of a device type: :data:`CPU_MODEL` for ``cpu``, :data:`H200_MODEL` for ``cuda`` (the one
+    GPU measured), None elsewhere (the caller keeps its per-request kernel and the static ``dense_fallback_ratio``
+    rule)."""
+    return {"cpu": CPU_MODEL, "cuda": H200_MODEL}.get(device_type)

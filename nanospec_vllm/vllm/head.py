@@ -12,8 +12,10 @@ active set and ``-inf`` elsewhere go through vLLM's own sampler, so the draft pr
 sees are exactly the pruned distribution that was sampled: verification stays exact.
 
 Path per step (:meth:`SparseDraftHead.step_path`): ``kernel: union`` always takes the union path; ``kernel: auto``
-on a device with a fitted cost model (:func:`..ops.cost.model_for`: the CPU today) chooses per step among the
-per-request kernel, the union path and the dense head from the batch size and the sizes of earlier steps (sum of
+on a device with a fitted cost model (:func:`..ops.cost.model_for`: this CPU, and CUDA from an H200 run) chooses
+per step among the per-request kernel, the union path and the dense head (vLLM's own head: the step is handed
+back, so at a load where gathering costs more than the full head NanoSpec never makes a draft position slower;
+its drafts, from the full vocabulary, are not added to the sets) from the batch size and the sizes of earlier steps (sum of
 the set sizes and union size, copied back lagged: :class:`..hostcopy.LaggedHostCopies`, never waited for);
 elsewhere the per-request kernel (and the static ``dense_fallback_ratio`` rule). The sets do not change between
 the draft positions of a step, so the path is decided and the union's rows are gathered once per step, as soon as
@@ -75,6 +77,7 @@ class HeadCounts:
     sparse_rows: int = 0  # request rows the sparse head scored
     fallback: int = 0  # 1: the position was handed to vLLM's head although the batch had NanoSpec rows
     path: str | None = None  # the step's path (ops.cost.PATHS) at the position that decided it, else None
+    handed_back: bool = False  # the cost model chose vLLM's own head for this step (path ``dense``)
 
 
 def _vllm_tp_group() -> Any:
@@ -249,8 +252,8 @@ class SparseDraftHead:
         ids, counts = batch.active
         if b.scale != 1.0:
             h = h * b.scale
-        path, plan = self.step_path(batch)
-        ratio = 0.0 if path == "dense" else self.dense_fallback_ratio
+        _, plan = self.step_path(batch)
+        ratio = self.dense_fallback_ratio
         impl = self.impl  # with a plan, the union path runs whatever impl says
         if b.shard is not None:  # every rank scores its shard's ids; all ranks get the same answer
             return sparse_head_sharded(h, b.weight, ids, counts, row_index=b.local_row_index,
@@ -279,6 +282,8 @@ class SparseDraftHead:
         report, self._unreported = self._unreported, False
         if report:
             self.path_steps[path] += 1
+        if path == "dense":  # vLLM's own head is the cheapest: the whole position is handed back, unmasked
+            return None, HeadCounts(path=path if report else None, handed_back=True)
         # host-known: the rows this position's head scores, and the path once per step
         counts = HeadCounts(sparse_rows=len(plan.on_rows), path=path if report else None)
         if greedy:

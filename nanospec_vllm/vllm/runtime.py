@@ -60,6 +60,7 @@ class StepContext:
 
     topk: torch.Tensor | None = None  # [logits rows, k] target top-k at this step's verification
     batch: DraftBatch | None = None  # what before_propose built for this step's drafter (read-only)
+    vllm_drafted: bool = False  # the head handed this step's positions to vLLM's own head (cost model: dense)
 
 
 def get_runtime(obj: Any) -> NanoSpecRuntime | None:
@@ -306,6 +307,8 @@ class NanoSpecRuntime:
         out, counts = self.head.sample(proposer, hidden, sampling_metadata, ctx.batch)
         self.stats.fallback += counts.fallback
         self.stats.sparse_rows += counts.sparse_rows
+        if counts.handed_back:
+            ctx.vllm_drafted = True
         if counts.path is not None:
             self.stats.count_path(counts.path)
         return out
@@ -319,8 +322,8 @@ class NanoSpecRuntime:
         # row's next verification counts coverage, and an accepted draft would always count as covered, so the
         # guard would read the full head's acceptance instead of what the sparse set would have offered.
         batch = None if ctx is None else ctx.batch
-        if batch is None or not batch.plan.on_rows or not self.cfg.add_draft_tokens:
-            return
+        if batch is None or not batch.plan.on_rows or not self.cfg.add_draft_tokens or ctx.vllm_drafted:
+            return  # (vLLM's head drafted this step: its drafts are not the sets', see the guarded rows below)
         if isinstance(draft_ids, list):
             if not draft_ids:
                 return

@@ -94,12 +94,42 @@ def test_shipped_cpu_model_is_the_fit_of_the_committed_run() -> None:
 
     m = cost.model_for("cpu")
     assert m is not None and "--union" in m.source and "--fit docs/benchmarks/union-cpu-random.json" in m.source
-    assert cost.model_for("cuda") is None
+    assert cost.model_for("xpu") is None
     data = json.loads((Path(__file__).resolve().parents[2] / "docs/benchmarks/union-cpu-random.json").read_text())
     f = cost.fit(fit_rows(data))
     for got, want in ((m.per_request, f.per_request), (m.dense, f.dense), (m.union_prepare, f.union_prepare),
                       (m.union_score, f.union_score)):
         assert got == pytest.approx(want, rel=1e-3, abs=1e-9)
+
+
+def test_shipped_h200_model_is_the_fit_of_the_committed_run_and_never_slower_than_dense() -> None:
+    """``H200_MODEL`` holds what ``bench kernels --fit`` gives on the committed H200 run (no union rows: the union
+    path is never chosen), and replayed on that run's cells (graph replay, both heads, 256-3,072 ids, batch
+    1-256) its choice is the faster of the per-request kernel and vLLM's dense head in every cell."""
+    from pathlib import Path
+
+    from nanospec_vllm.tools.bench.kernels_union import fit_rows_plain
+
+    m = cost.model_for("cuda")
+    assert m is cost.H200_MODEL and m.union_prepare is None and "kernels-h200.json" in m.source
+    data = json.loads((Path(__file__).resolve().parents[2] / "docs/benchmarks/kernels-h200.json").read_text())
+    rows = fit_rows_plain(data)
+    f = cost.fit(rows, union=False)
+    for got, want in ((m.per_request, f.per_request), (m.dense, f.dense)):
+        assert got == pytest.approx(want, rel=1e-3, abs=1e-12)
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault((r["hidden"], r["vocab"], r["batch"], r["sum_sets"]), {})[r["path"]] = r["median_us"]
+    assert len(cells) == 36
+    for (H, V, B, S), t in cells.items():
+        z = StepSizes(B, H, V, S, S)
+        pick = choose(m, z)
+        assert pick != "union" and predict(m, z)["union"] == float("inf")
+        assert t[pick] == min(t.values()), ((H, B, S), t, pick)
+    assert choose(m, StepSizes(1, 896, 151_936, 3072, 3072)) == "per_request"
+    assert choose(m, StepSizes(256, 4096, 128_256, 256 * 3072, 10**5)) == "dense"
+    with pytest.raises(ValueError, match="no dense rows"):
+        cost.fit([r for r in rows if r["path"] != "dense"], union=False)
 
 
 def test_sets_file_and_draw(tmp_path) -> None:

@@ -66,6 +66,9 @@ def test_union_and_auto_draft_like_per_request_without_host_reads(device: str, g
             assert torch.equal(a, b)
         for a, b in zip(logits, ref_logits, strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    else:  # dense: every position handed back to vLLM's own head; the sparse head scored nothing
+        assert tot["sparse_rows"] == 0 and tot["fallback"] == 0
+        assert all(torch.isfinite(x).all() for x in logits)  # vLLM's head: the full vocabulary, nothing masked
 
 
 def test_union_rows_are_gathered_once_per_step(monkeypatch) -> None:
@@ -150,3 +153,25 @@ def test_union_is_gathered_when_the_batch_is_frozen(monkeypatch) -> None:
     assert calls == [1]
     rt.end_step()
     assert rt.stats.totals["path_union"] == 1 and rt.head.path_steps["union"] == 1
+
+
+def test_handed_back_drafts_are_not_added_to_the_sets(monkeypatch) -> None:
+    """A step the cost model gives to vLLM's head (dense): its drafts come from the full vocabulary, and adding
+    them would make the next verification count accepted drafts as covered (as for guarded rows): not added."""
+    from types import SimpleNamespace as NS
+
+    monkeypatch.setattr(cost, "model_for", lambda dev: DENSE_ONLY)
+    w = torch.randn(V, H, generator=torch.Generator().manual_seed(0))
+    r, rt, proposer = _runner({"target_topk": 2, "capacity": 64, "kernel": "auto"}, "cpu", w)
+    _admit(r, rt, REQS)
+    logits, sampled, hidden = _inputs("cpu")
+    rt.begin_step()
+    rt.on_verification_logits(logits)
+    rt.before_propose(r, sampled, NS(num_draft_tokens=[2, 1, 2]), hidden, NS(query_start_loc_cpu=torch.tensor([0, 3, 5, 6])))
+    assert rt.draft(proposer, hidden[:3], NS(all_greedy=True)) is None  # handed back
+    extended = []
+    monkeypatch.setattr(rt.pool, "extend", lambda *a: extended.append(a))
+    rt.after_propose(torch.tensor([[5, 6], [7, 8], [9, 10]]))
+    assert extended == []
+    rt.end_step()
+    assert rt.stats.totals["path_dense"] == 1 and rt.stats.totals["sparse_rows"] == 0

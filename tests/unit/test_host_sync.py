@@ -297,7 +297,12 @@ def _step(r: Any, rt: Any, proposer: Any, inputs: tuple, greedy: bool, qsl: torc
     rt.before_propose(r, sampled, NS(num_draft_tokens=[2, 1, 2]), hidden, NS(query_start_loc_cpu=qsl))
     drafts = []
     for pos in range(2):
-        tok, probs = rt.draft(proposer, hidden[pos * 3: pos * 3 + 3], NS(all_greedy=greedy))
+        h = hidden[pos * 3: pos * 3 + 3]
+        out = rt.draft(proposer, h, NS(all_greedy=greedy))
+        if out is None:  # handed back (the cost model chose vLLM's own head): what the proposer patch then runs
+            logits_full = proposer.model.compute_logits(h)
+            out = (proposer._greedy_sample(h), None) if greedy else proposer._sample_from_logits(logits_full, None)
+        tok, probs = out
         assert (probs is None) == greedy
         drafts.append(tok)
     rt.after_propose(torch.stack(drafts, 1))

@@ -259,13 +259,16 @@ def parse(argv: list[str]) -> tuple[Settings, str | None, str | None]:
 
 
 def fit_main(path: str) -> int:
-    """``--fit FILE.json``: the cost model fitted on a ``--union`` run's rows, as Python."""
+    """``--fit FILE.json``: the cost model fitted on a run's rows, as Python: a ``--union`` run gives every
+    path's constants; a plain run (no union rows) the per-request kernel's and the dense head's only."""
     from ...ops import cost
-    from .kernels_union import fit_rows
+    from .kernels_union import fit_rows, fit_rows_plain
 
     with open(path) as f:
         data = json.load(f)
-    m = cost.fit(fit_rows(data), source=f"{data['header']['command']} ({data['header']['date']})")
+    src = f"{data['header']['command']} ({data['header']['date']}), fitted by nanospec bench kernels --fit {path}"
+    rows = fit_rows(data)
+    m = cost.fit(rows, source=src) if rows else cost.fit(fit_rows_plain(data), source=src, union=False)
     print(f"CostModel(\n    per_request={m.per_request!r},\n    dense={m.dense!r},\n"
           f"    union_prepare={m.union_prepare!r},\n    union_score={m.union_score!r},\n    source={m.source!r},\n)")
     return 0

@@ -44,7 +44,7 @@ from .kernels_common import (
     _random_ids,
 )
 
-__all__ = ["UNION_BATCHES", "UNION_HEADS", "fit_rows", "load_sets", "run_union", "union_markdown"]
+__all__ = ["UNION_BATCHES", "UNION_HEADS", "fit_rows", "fit_rows_plain", "load_sets", "run_union", "union_markdown"]
 
 UNION_HEADS = ["qwen2.5-0.5b", "qwen2.5-1.5b", "llama-3.1-8b", "gemma-3-1b"]
 UNION_BATCHES = [1, 4, 16, 32, 64, 128, 256]
@@ -225,10 +225,27 @@ def _batch(timer: Timer, dev: torch.device, head: str, weight: torch.Tensor, ws:
     return out
 
 
+def fit_rows_plain(data: dict, mode: str = "graph") -> list[dict]:
+    """The rows of a plain ``bench kernels`` run (no ``--union``: random full sets of ``active`` ids per row) as
+    :func:`nanospec_vllm.ops.cost.fit` reads them with ``union=False``: the per-request kernel (``triton`` on
+    CUDA, ``native`` on CPU) and the dense head (vLLM's), timed in ``mode`` (``graph`` on CUDA: device time)."""
+    impls = {r["impl"] for r in data["rows"]}
+    per = "triton" if "triton" in impls and data["rows"][0].get("device") == "cuda" else "native"
+    out = []
+    for r in data["rows"]:
+        if r.get("error") or r.get("mode", mode) != mode or r["impl"] not in (per, "dense"):
+            continue
+        out.append({"path": "per_request" if r["impl"] == per else "dense", "median_us": r["median_us"],
+                    "hidden": r["hidden"], "vocab": r["vocab"], "batch": r["batch"],
+                    "sum_sets": r["batch"] * r["active"], "union_rows": 0})
+    return out
+
+
 def fit_rows(data: dict) -> list[dict]:
     """The rows of a ``--union`` run as :func:`nanospec_vllm.ops.cost.fit` reads them (per-request, dense-masked,
     union, union-score)."""
-    path_of = {"native": "per_request", "triton": "per_request", "torch": "per_request", "dense-masked": "dense",
+    # ``dense``: vLLM's own head (a step the cost model sends there is handed back, unmasked)
+    path_of = {"native": "per_request", "triton": "per_request", "torch": "per_request", "dense": "dense",
                "union": "union", "union-score": "union_score"}
     out = []
     for r in data["rows"]:
