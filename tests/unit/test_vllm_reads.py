@@ -19,10 +19,12 @@ pytest.importorskip("vllm")
 from nanospec_vllm.vllm.patches.reads import VLLM_READS, Read
 
 PKG = Path(__file__).resolve().parents[2] / "nanospec_vllm" / "vllm"
-#: the modules whose reads this test scans (runtime.py and head.py: their reads are listed, not scanned)
-SCANNED = ["patches", "metrics", "plugin.py", "serve.py", "debug.py"]
+#: the modules whose reads this test scans: every module that reads vLLM's objects (the head binding in ops too)
+SCANNED = ["patches", "metrics", "plugin.py", "serve.py", "debug.py", "runtime.py", "head.py",
+           "../ops/binding.py"]
 #: attributes NanoSpec itself puts on vLLM's objects, or reads on its own objects
-OWN = {"_nanospec_runtime", "_nanospec_patch", "_nanospec_orig_version", "_nanospec_type", "nanospec_stats"}
+OWN = {"_nanospec_runtime", "_nanospec_patch", "_nanospec_orig_version", "_nanospec_type", "nanospec_stats",
+       "_nanospec_checked"}
 
 
 def _owner(path: str) -> type:

@@ -87,6 +87,12 @@ VLLM_READS: tuple[Read, ...] = (
     Read("vllm.model_executor.models.llama_eagle3:Eagle3LlamaForCausalLM", "draft_id_to_target_id", "ops.binding.bind_head"),
     Read("vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer", "num_speculative_tokens", "head"),
     Read("vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer", "model", "runtime.maybe_create, head"),
+    # the drafter model's head (getattr: a drafter without one is refused by name in bind_head); every drafter
+    # vLLM builds has both; checked on the EAGLE-1, EAGLE-3 and Qwen2 (draft_model) classes
+    *(Read(m, a, "runtime.maybe_create, ops.binding.bind_head") for m in (
+        "vllm.model_executor.models.llama_eagle:EagleLlamaForCausalLM",
+        "vllm.model_executor.models.llama_eagle3:Eagle3LlamaForCausalLM",
+        "vllm.model_executor.models.qwen2:Qwen2ForCausalLM") for a in ("lm_head", "logits_processor")),
     Read(_LP, "scale", "ops.binding.bind_head"),
     Read(_LP, "soft_cap", "ops.binding.bind_head"),
     Read(_LP, "org_vocab_size", "ops.binding.bind_head"),
