@@ -95,12 +95,18 @@ PROBE_EVERY = 8
 class SparseDraftHead:
     """The sparse head of one runtime: ``vocab_size`` (target), ``device``, ``impl`` (resolved kernel), ``kernel``
     and ``dense_fallback_ratio`` (the config's), ``pinned_ids`` (the pool's: the fallback id is chosen among them).
-    Holds no reference to the runtime: each position gets the step's :class:`DraftBatch`."""
+    ``same_step_everywhere`` (tensor parallelism): every rank must choose the same path (a step handed back to
+    vLLM's head runs other collectives than the sparse head's), so the lagged sizes are read from every copy
+    issued so far, waiting on their events if needed (long completed: vLLM has read those steps' sampled tokens),
+    not from whichever copies have arrived. Holds no reference to the runtime: each position gets the step's
+    :class:`DraftBatch`."""
 
     def __init__(self, vocab_size: int, device: torch.device, impl: str, kernel: str,
-                 dense_fallback_ratio: float | None, pinned_ids: list[int]) -> None:
+                 dense_fallback_ratio: float | None, pinned_ids: list[int],
+                 same_step_everywhere: bool = False) -> None:
         self.vocab_size, self.impl, self.kernel = int(vocab_size), impl, kernel
         self.dense_fallback_ratio = dense_fallback_ratio
+        self.same_step_everywhere = same_step_everywhere
         self.pinned_ids = list(pinned_ids)
         self.binding: HeadBinding | None = None
         self.fallback_id = 0  # drafted by a row whose set holds no id the head can draft (see bind)
@@ -172,7 +178,7 @@ class SparseDraftHead:
         kernel = self.kernel
         model = cost.model_for(b.weight.device.type) if kernel == "auto" else None
         B, (Vw, H) = ids.shape[0], b.weight.shape
-        self._sizes.read(wait=False)  # fold in the copies that have arrived; never waits
+        self._sizes.read(wait=self.same_step_everywhere)  # the copies that have arrived (TP: all issued so far)
         S, U = self.lagged_sizes(B, ids.shape[1])
         bucket = cost.union_bucket(U, B, ids.shape[1], Vw)
         if kernel == "union":

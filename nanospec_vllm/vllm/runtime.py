@@ -119,10 +119,10 @@ class NanoSpecRuntime:
         self.impl = resolve_impl(cfg.kernel, self.device)
         self.stats = StepStats(self.device, max_sizes=num_slots)
         self.staging = IndexStaging(num_slots, self.device, _vllm_staging_buffer())
-        self.head = SparseDraftHead(self.vocab_size, self.device, self.impl, cfg.kernel, cfg.dense_fallback_ratio,
-                                    self.pool.pinned_ids)
-        gp = GuardParams(cfg.guard_coverage, cfg.guard_hysteresis, float(cfg.guard_window))
         tp = int(getattr(runner.parallel_config, "tensor_parallel_size", 1) or 1)
+        self.head = SparseDraftHead(self.vocab_size, self.device, self.impl, cfg.kernel, cfg.dense_fallback_ratio,
+                                    self.pool.pinned_ids, same_step_everywhere=tp > 1)
+        gp = GuardParams(cfg.guard_coverage, cfg.guard_hysteresis, float(cfg.guard_window))
         self.guard = CoverageGuard(num_slots, self.device, gp, same_step_everywhere=tp > 1) if gp.enabled else None
         self.ctx: StepContext | None = None
         self.debug = DebugRecorder.from_env(self.pool)  # None unless NANOSPEC_DEBUG_RECORD=1 (tests only)

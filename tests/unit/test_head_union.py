@@ -175,3 +175,30 @@ def test_handed_back_drafts_are_not_added_to_the_sets(monkeypatch) -> None:
     assert extended == []
     rt.end_step()
     assert rt.stats.totals["path_dense"] == 1 and rt.stats.totals["sparse_rows"] == 0
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_tensor_parallel_ranks_read_every_lagged_size(monkeypatch, tp: int) -> None:
+    """With TP every rank must choose the same path (a handed-back step runs vLLM's collectives, not the sparse
+    head's), so the head folds in every size copy issued so far, not whichever arrived: read(wait=True)."""
+    from types import SimpleNamespace as NS
+
+    monkeypatch.setattr(cost, "model_for", lambda dev: DENSE_ONLY)
+    w = torch.randn(V, H, generator=torch.Generator().manual_seed(0))
+    r, rt, proposer = _runner({"target_topk": 2, "capacity": 64, "kernel": "auto"}, "cpu", w)
+    if tp > 1:  # the runtime built for a TP engine
+        r.parallel_config.tensor_parallel_size = tp
+        from nanospec_vllm.vllm.runtime import NanoSpecRuntime
+
+        r._nanospec_runtime = None
+        r._nanospec_checked = False
+        rt = NanoSpecRuntime.maybe_create(r)
+    waits = []
+    real = rt.head._sizes.read
+    monkeypatch.setattr(rt.head._sizes, "read", lambda wait, limit=None: (waits.append(wait), real(wait, limit))[1])
+    _admit(r, rt, REQS)
+    logits, sampled, hidden = _inputs("cpu")
+    rt.begin_step()
+    rt.before_propose(r, sampled, NS(num_draft_tokens=[2, 1, 2]), hidden, NS(query_start_loc_cpu=torch.tensor([0, 3, 5, 6])))
+    rt.end_step()
+    assert waits == [tp > 1]
