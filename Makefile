@@ -50,6 +50,8 @@ test-e2e: install models
 
 # EAGLE setting (default): the first run trains and caches the 0.5B target's EAGLE head (~25 min on 2 cores).
 # `make demo DEMO_ARGS="--setting draft_model" DEMO_MODELS="qwen2.5-coder-1.5b qwen2.5-coder-0.5b"`: 1.5B + 0.5B drafter.
+# `make demo DEMO_ARGS="--setting eagle3"`: the full-vocabulary EAGLE-3 head (trained on first use: 85 min measured on a
+# shared 2-core machine; docs/benchmarks/eagle-cpu.md).
 demo: install
 	$(PY) -m nanospec_vllm.cli prepare-models $(DEMO_MODELS)
 	$(PY) -m nanospec_vllm.cli demo $(DEMO_ARGS)
