@@ -48,3 +48,44 @@ def test_speedups_compare_at_the_same_concurrency() -> None:
     assert rows[3]["speed_vs_no_spec"] == 0.9 and rows[3]["speed_vs_head"] == 1.35
     assert rows[4]["speed_vs_no_spec"] == 0.9 and rows[4]["speed_vs_head"] is None  # no head row at 8
     assert rows[0]["speed_vs_no_spec"] == 1.0
+
+
+def test_a_configuration_that_does_not_start_is_recorded_and_the_rest_run(tmp_path, monkeypatch) -> None:
+    """Path keys of the spec file are expanded (the `head` configuration has no nanospec block, and vLLM expands
+    nothing); a server that does not start becomes an entry of `errors`, the other configurations still run, the
+    JSON is written, and the exit code says so."""
+    import json
+    import types
+
+    from nanospec_vllm.tools import server as server_mod
+    from nanospec_vllm.tools.bench import serve_load
+
+    monkeypatch.setenv("NANOSPEC_CACHE", "/cache-here")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("method: eagle3\nmodel: ${NANOSPEC_CACHE:-~/x}/heads/h\nnum_speculative_tokens: 3\nnanospec: {}\n")
+    started = []
+
+    class FakeServer:
+        def __init__(self, model, args, log, env=None, timeout=0):
+            cfg = json.loads(args[args.index("--speculative-config") + 1]) if "--speculative-config" in args else None
+            started.append(cfg)
+            if cfg is not None and "nanospec" not in cfg:
+                raise RuntimeError("server exited rc=1: boom")
+            self.base = "http://127.0.0.1:1"
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(server_mod, "ServeProcess", FakeServer)
+    monkeypatch.setattr(serve_load, "_client", lambda *a, **k: {
+        "completed": 2, "output_throughput": 10.0, "request_throughput": 1.0, "median_tpot_ms": 5.0,
+        "median_ttft_ms": 7.0})
+    monkeypatch.setattr(serve_load, "_prompts", lambda source, n, seed: ["a", "b"])
+    out = tmp_path / "r.json"
+    rc = serve_load.main(["--model", str(tmp_path), "--spec", str(spec), "--configs", "no-spec,head,nanospec", "--concurrency", "1",
+                          "--out", str(out)])
+    assert rc == 1
+    res = json.loads(out.read_text())
+    assert [r["config"] for r in res["rows"]] == ["no-spec", "nanospec"]
+    assert [e["config"] for e in res["errors"]] == ["head"] and "boom" in res["errors"][0]["error"]
+    assert started[1]["model"] == "/cache-here/heads/h" == started[2]["model"]

@@ -152,13 +152,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = str(model_dir(args.model))
     spec = None
     if args.spec:
-        from ...config import load_config_file
+        from ...config import PATH_KEYS, expand_value, load_config_file
 
-        spec = load_config_file(args.spec)
+        # ${VAR:-default} and ~ in path keys, as NanoSpec's config reader does (the `head` configuration drops the
+        # nanospec block, and vLLM itself expands nothing)
+        spec = {k: (expand_value(v) if k in PATH_KEYS and isinstance(v, str) else v)
+                for k, v in load_config_file(args.spec).items()}
     configs = build_configs([c.strip() for c in args.configs.split(",") if c.strip()], spec)
     conc = sorted({int(c) for c in args.concurrency.split(",")})
     prompts = _prompts(args.source, args.prompts, args.seed)
     rows: list[dict[str, Any]] = []
+    errors: list[dict[str, str]] = []
     with tempfile.TemporaryDirectory() as td:
         data = Path(td) / "prompts.jsonl"
         data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
@@ -168,8 +172,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if cfg["spec"] is not None:
                 serve_args += ["--speculative-config", json.dumps(cfg["spec"])]
             t0 = time.time()
-            server = ServeProcess(model, serve_args, Path(td) / f"{len(rows)}.log", env=serve_env(kv_cache_gib=2),
-                                  timeout=args.startup_timeout)
+            try:
+                server = ServeProcess(model, serve_args, Path(td) / f"{cfg['name']}.log",
+                                      env=serve_env(kv_cache_gib=2), timeout=args.startup_timeout)
+            except RuntimeError as e:  # one configuration that does not start: recorded, the others still run
+                errors.append({"config": cfg["name"], "error": str(e)[-2000:]})
+                print(f"serve-load: {cfg['name']} did not start: {str(e)[-400:]}", file=sys.stderr, flush=True)
+                continue
             start_s = time.time() - t0
             try:
                 for c in conc:
@@ -189,7 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": "nanospec bench serve-load " + " ".join(sys.argv[3:] if args.argv is None else args.argv),
             "model": args.model, "spec": args.spec, "source": args.source, "prompts": len(prompts),
-            "max_tokens": args.max_tokens, "configs": configs, "rows": rows}
+            "max_tokens": args.max_tokens, "configs": configs, "rows": rows, "errors": errors}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -228,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if args.markdown:
         print(markdown(result))
+    if result["errors"]:
+        print(f"nanospec bench serve-load: {len(result['errors'])} configuration(s) did not start: "
+              f"{', '.join(e['config'] for e in result['errors'])} (see the JSON's `errors`)", file=sys.stderr)
+        return 1
     return 0
 
 
