@@ -89,3 +89,11 @@ def test_a_configuration_that_does_not_start_is_recorded_and_the_rest_run(tmp_pa
     assert [r["config"] for r in res["rows"]] == ["no-spec", "nanospec"]
     assert [e["config"] for e in res["errors"]] == ["head"] and "boom" in res["errors"][0]["error"]
     assert started[1]["model"] == "/cache-here/heads/h" == started[2]["model"]
+
+
+def test_configs_split_keeps_a_schedule_whole() -> None:
+    from nanospec_vllm.tools.bench.serve_load import split_configs
+
+    assert split_configs("no-spec,head,nanospec@1-2:3,3-256:0,nanospec") == [
+        "no-spec", "head", "nanospec@1-2:3,3-256:0", "nanospec"]
+    assert split_configs(" no-spec , nanospec@1-1:3 ") == ["no-spec", "nanospec@1-1:3"]

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_configs", "main", "parse_schedule", "speedups"]
+__all__ = ["build_configs", "main", "parse_schedule", "speedups", "split_configs"]
 
 BASES = ("no-spec", "head", "nanospec")
 
@@ -67,6 +67,22 @@ def parse_schedule(text: str) -> list[tuple[int, int, int]]:
         prev = hi
     if not out or out[0][0] != 1:
         raise ServeLoadError(f"schedule {text!r}: the first range must start at batch size 1")
+    return out
+
+
+def split_configs(text: str) -> list[str]:
+    """``"no-spec,nanospec@1-2:3,3-256:0"`` -> ``["no-spec", "nanospec@1-2:3,3-256:0"]``: a comma starts a new
+    configuration unless what follows is another ``LO-HI:K`` range of the previous one's schedule."""
+    import re
+
+    out: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if out and "@" in out[-1] and re.fullmatch(r"\d+-\d+:\d+", part):
+            out[-1] += "," + part
+        else:
+            out.append(part)
     return out
 
 
@@ -158,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # nanospec block, and vLLM itself expands nothing)
         spec = {k: (expand_value(v) if k in PATH_KEYS and isinstance(v, str) else v)
                 for k, v in load_config_file(args.spec).items()}
-    configs = build_configs([c.strip() for c in args.configs.split(",") if c.strip()], spec)
+    configs = build_configs(split_configs(args.configs), spec)
     conc = sorted({int(c) for c in args.concurrency.split(",")})
     prompts = _prompts(args.source, args.prompts, args.seed)
     rows: list[dict[str, Any]] = []
