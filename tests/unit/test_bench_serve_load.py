@@ -55,7 +55,6 @@ def test_a_configuration_that_does_not_start_is_recorded_and_the_rest_run(tmp_pa
     nothing); a server that does not start becomes an entry of `errors`, the other configurations still run, the
     JSON is written, and the exit code says so."""
     import json
-    import types
 
     from nanospec_vllm.tools import server as server_mod
     from nanospec_vllm.tools.bench import serve_load

@@ -185,7 +185,7 @@ def test_tensor_parallel_ranks_read_every_lagged_size(monkeypatch, tp: int) -> N
 
     monkeypatch.setattr(cost, "model_for", lambda dev: DENSE_ONLY)
     w = torch.randn(V, H, generator=torch.Generator().manual_seed(0))
-    r, rt, proposer = _runner({"target_topk": 2, "capacity": 64, "kernel": "auto"}, "cpu", w)
+    r, rt, _ = _runner({"target_topk": 2, "capacity": 64, "kernel": "auto"}, "cpu", w)
     if tp > 1:  # the runtime built for a TP engine
         r.parallel_config.tensor_parallel_size = tp
         from nanospec_vllm.vllm.runtime import NanoSpecRuntime
@@ -197,7 +197,7 @@ def test_tensor_parallel_ranks_read_every_lagged_size(monkeypatch, tp: int) -> N
     real = rt.head._sizes.read
     monkeypatch.setattr(rt.head._sizes, "read", lambda wait, limit=None: (waits.append(wait), real(wait, limit))[1])
     _admit(r, rt, REQS)
-    logits, sampled, hidden = _inputs("cpu")
+    _, sampled, hidden = _inputs("cpu")
     rt.begin_step()
     rt.before_propose(r, sampled, NS(num_draft_tokens=[2, 1, 2]), hidden, NS(query_start_loc_cpu=torch.tensor([0, 3, 5, 6])))
     rt.end_step()
