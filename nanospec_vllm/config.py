@@ -414,6 +414,12 @@ def expand_value(v: str) -> str:
 PATH_KEYS = ("model", "tokenizer", "hot_set_path")
 
 
+def expand_paths(d: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``d`` whose :data:`PATH_KEYS` string values have ``${VAR:-default}`` and ``~`` expanded (one
+    level: a nested ``nanospec`` block is expanded by its own call)."""
+    return {k: (expand_value(v) if k in PATH_KEYS and isinstance(v, str) else v) for k, v in d.items()}
+
+
 def split_speculative_config(data: dict[str, Any], source: str = "speculative config") -> tuple[dict[str, Any], NanoSpecConfig | None]:
     """Split a speculative config into (vLLM's keys, the validated ``nanospec`` block or None).
 
@@ -422,12 +428,12 @@ def split_speculative_config(data: dict[str, Any], source: str = "speculative co
     """
     if not isinstance(data, dict):
         raise NanoSpecConfigError(f"{source}: must be a mapping (got {type(data).__name__})")
-    rest = {k: (expand_value(v) if k in PATH_KEYS and isinstance(v, str) else v) for k, v in data.items() if k != "nanospec"}
+    rest = expand_paths({k: v for k, v in data.items() if k != "nanospec"})
     if "nanospec" not in data:
         return rest, None
     block = data["nanospec"]
     if isinstance(block, dict):
-        block = {k: (expand_value(v) if k in PATH_KEYS and isinstance(v, str) else v) for k, v in block.items()}
+        block = expand_paths(block)
     if block is False:
         return rest, None
     return rest, parse_config(block, prefix=f"{source}: nanospec")

@@ -168,12 +168,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = str(model_dir(args.model))
     spec = None
     if args.spec:
-        from ...config import PATH_KEYS, expand_value, load_config_file
+        from ...config import expand_paths, load_config_file
 
         # ${VAR:-default} and ~ in path keys, as NanoSpec's config reader does (the `head` configuration drops the
         # nanospec block, and vLLM itself expands nothing)
-        spec = {k: (expand_value(v) if k in PATH_KEYS and isinstance(v, str) else v)
-                for k, v in load_config_file(args.spec).items()}
+        spec = expand_paths(load_config_file(args.spec))
     configs = build_configs(split_configs(args.configs), spec)
     conc = sorted({int(c) for c in args.concurrency.split(",")})
     prompts = _prompts(args.source, args.prompts, args.seed)
