@@ -10,7 +10,7 @@ import logging
 import threading
 from typing import Any
 
-from .transport import SIZE_BUCKETS
+from .transport import PATH_COUNTERS, SIZE_BUCKETS
 
 logger = logging.getLogger("vllm.nanospec")
 
@@ -84,9 +84,9 @@ class FrontendMetrics:
             self.sparse_rows.inc(p["sparse_rows"])
         if p.get("no_step"):
             self.no_step.inc(p["no_step"])
-        for path in ("per_request", "union", "dense"):
-            if p.get(f"path_{path}"):
-                self.paths.labels(path=path).inc(p[f"path_{path}"])
+        for key in PATH_COUNTERS:
+            if p.get(key):
+                self.paths.labels(path=key.removeprefix("path_")).inc(p[key])
         self.win_planned += p.get("planned", 0)
         self.win_guarded += p.get("guarded", 0)
         self.win_sizes += sum(p.get("sizes", []))

@@ -16,12 +16,24 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SIZE_BUCKETS", "STATS_FIELD", "attach", "merge_payloads", "take"]
+__all__ = ["HOST_COUNTERS", "PATH_COUNTERS", "SIZE_BUCKETS", "STATS_FIELD", "attach", "merge_payloads", "take"]
 
 #: The SchedulerStats field NanoSpec adds and owns (vLLM has no field of that name; the patch refuses to start
 #: if a vLLM version ever adds one).
 STATS_FIELD = "nanospec_stats"
 SIZE_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192, 16384)
+
+#: The worker's host-side per-step counters (:class:`.worker.StepStats`), summed when payloads merge: requests
+#: that got no slot, draft calls handed to vLLM's head (parallel drafting, soft cap), NanoSpec rows planned for
+#: drafting, those of them the break-even guard sent to the full head, guard
+#: trips (a request going from the sparse to the full head), rows the sparse head scored (summed over draft
+#: positions: the proof, per run and per rank, that NanoSpec drafted), and NanoSpec hooks vLLM called with no open
+#: step (``before_propose`` / a draft position outside ``sample_tokens``: those drafts came from vLLM's head; 0
+#: unless vLLM changed where it drafts), and the steps the sparse head took each path (``path_<path>`` for the
+#: paths of :data:`nanospec_vllm.ops.cost.PATHS`: per-request gather, union, dense; chosen per step under
+#: ``kernel: auto``)
+PATH_COUNTERS = ("path_per_request", "path_union", "path_dense")
+HOST_COUNTERS = ("no_slot", "fallback", "planned", "guarded", "guard_fires", "sparse_rows", "no_step", *PATH_COUNTERS)
 
 
 def merge_payloads(payloads: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -31,8 +43,7 @@ def merge_payloads(payloads: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     out = dict(payloads[-1])  # gauges: the latest wins
     out["sizes"] = [s for p in payloads for s in p.get("sizes", [])]
-    for k in ("target", "covered", "no_slot", "fallback", "planned", "guarded", "guard_fires", "sparse_rows", "no_step",
-              "path_per_request", "path_union", "path_dense"):
+    for k in ("target", "covered", *HOST_COUNTERS):
         out[k] = sum(int(p.get(k, 0)) for p in payloads)
     return out
 

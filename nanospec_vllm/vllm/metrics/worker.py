@@ -23,22 +23,13 @@ from typing import Any
 import torch
 
 from ...hostcopy import LaggedHostCopies
+from .transport import HOST_COUNTERS, PATH_COUNTERS
 
 __all__ = ["HOST_COUNTERS", "PATH_COUNTERS", "StepStats"]
 
 #: staged steps kept before the oldest one is waited for (the GPU is never this far behind in vLLM)
 MAX_IN_FLIGHT = 8
 _HEAD = 3  # target, covered, dropped; then the sizes
-#: host-side per-step counters: requests that got no slot, draft calls handed to vLLM's head (parallel drafting,
-#: soft cap), NanoSpec rows planned for drafting, those of them the break-even guard sent to the full head, guard
-#: trips (a request going from the sparse to the full head), rows the sparse head scored (summed over draft
-#: positions: the proof, per run and per rank, that NanoSpec drafted), and NanoSpec hooks vLLM called with no open
-#: step (``before_propose`` / a draft position outside ``sample_tokens``: those drafts came from vLLM's head; 0
-#: unless vLLM changed where it drafts), and the steps the sparse head took each path (``path_<path>`` for the
-#: paths of :data:`nanospec_vllm.ops.cost.PATHS`: per-request gather, union, dense; chosen per step under
-#: ``kernel: auto``)
-PATH_COUNTERS = ("path_per_request", "path_union", "path_dense")
-HOST_COUNTERS = ("no_slot", "fallback", "planned", "guarded", "guard_fires", "sparse_rows", "no_step", *PATH_COUNTERS)
 
 
 class StepStats:
