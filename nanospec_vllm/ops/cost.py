@@ -139,17 +139,13 @@ def fit(rows: Iterable[Mapping], source: str = "", union: bool = True) -> CostMo
     by: dict[str, list[Mapping]] = {p: [r for r in rows if r["path"] == p] for p in
                                     ("per_request", "dense", "union", "union_score")}
     out = {}
-    if not union:
-        for path in ("per_request", "dense"):
-            if not by[path]:
-                raise ValueError(f"no {path} rows to fit")
-            out[path] = _lstsq_nonneg([_features(path, r) for r in by[path]], [r["median_us"] for r in by[path]])
-        return CostModel(tuple(out["per_request"]), tuple(out["dense"]), None, None, source)
-    for path in ("per_request", "dense", "union_score"):
+    for path in ("per_request", "dense", *(("union_score",) if union else ())):
         sel = by[path]
         if not sel:
             raise ValueError(f"no {path} rows to fit")
         out[path] = _lstsq_nonneg([_features(path, r) for r in sel], [r["median_us"] for r in sel])
+    if not union:
+        return CostModel(tuple(out["per_request"]), tuple(out["dense"]), None, None, source)
     score = {_shape(r): r["median_us"] for r in by["union_score"]}
     prep = [(r, r["median_us"] - score[_shape(r)]) for r in by["union"] if _shape(r) in score]
     prep = [(r, y) for r, y in prep if y > 0]
