@@ -105,6 +105,7 @@ class SparseDraftHead:
                  dense_fallback_ratio: float | None, pinned_ids: list[int],
                  same_step_everywhere: bool = False) -> None:
         self.vocab_size, self.impl, self.kernel = int(vocab_size), impl, kernel
+        self.device = torch.device(device)
         self.dense_fallback_ratio = dense_fallback_ratio
         self.same_step_everywhere = same_step_everywhere
         self.pinned_ids = list(pinned_ids)
@@ -118,11 +119,10 @@ class SparseDraftHead:
         self._plan: UnionPlan | None = None
         self._workspace: dict = {}  # union buffers, reused between steps
         self._lagged = (0, 0, 0)  # (rows, sum of set sizes, union size) of the newest step read back; 0: none yet
-        self._sizes = LaggedHostCopies(SIZE_RING, 3, torch.int64, torch.device(device), self._read_sizes)
+        self._sizes = LaggedHostCopies(SIZE_RING, 3, torch.int64, self.device, self._read_sizes)
         self._positions = 1  # draft positions per step (the proposer's num_speculative_tokens)
         self._probes = 0  # steps where a union-size probe was due
         self._unreported = False  # the cached step's path is not yet in the statistics (reported once it drafts)
-        self.device = torch.device(device)
         self._side: Any = None  # CUDA: the side stream prepare() issues the union gather on
         self._ready: Any = None  # CUDA: the event the first draft position waits for
         self._union_share = 1.0  # union / sum of the sets at the last measurement (1.0: none yet)
@@ -167,8 +167,9 @@ class SparseDraftHead:
         return b
 
     def step_path(self, batch: DraftBatch) -> tuple[str, UnionPlan | None]:
-        """This step's path (``per_request``, ``union`` or ``dense``) and union plan, decided at its first draft
-        position and cached until the step's batch is gone. Reads only host data (the lagged sizes)."""
+        """This step's path (``per_request``, ``union`` or ``dense``) and union plan, decided once per step (by
+        :meth:`prepare`, else at the first draft position) and cached until the step's batch is gone. Reads only
+        host data (the lagged sizes)."""
         if self._step is not None and self._step() is batch:
             return self._path, self._plan
         b = self.binding

@@ -298,10 +298,9 @@ class NanoSpecRuntime:
         """One draft position (the proposer patch): the sparse head's answer for this step's batch, or ``None``
         ("not mine": vLLM's head drafts). The head's counters go into the step's statistics."""
         ctx = self.ctx
-        if ctx is None:  # a draft position outside sample_tokens: vLLM's head drafts it, and /metrics shows it
-            self.stats.no_step += 1
-            return None
-        if ctx.batch is None:  # propose without before_propose (a vLLM path the patches do not know)
+        # outside sample_tokens, or a propose without before_propose (a vLLM path the patches do not know): vLLM's
+        # head drafts it, and /metrics shows it
+        if ctx is None or ctx.batch is None:
             self.stats.no_step += 1
             return None
         out, counts = self.head.sample(proposer, hidden, sampling_metadata, ctx.batch)
@@ -323,7 +322,7 @@ class NanoSpecRuntime:
         # guard would read the full head's acceptance instead of what the sparse set would have offered.
         batch = None if ctx is None else ctx.batch
         if batch is None or not batch.plan.on_rows or not self.cfg.add_draft_tokens or ctx.vllm_drafted:
-            return  # (vLLM's head drafted this step: its drafts are not the sets', see the guarded rows below)
+            return  # (vLLM's head drafted this step: its drafts are not the sets', as for the guarded rows above)
         if isinstance(draft_ids, list):
             if not draft_ids:
                 return
