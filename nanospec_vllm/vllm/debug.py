@@ -11,7 +11,8 @@ rows with vLLM's own ``SpecDecodeMetadata`` (not with NanoSpec's row -> slot pla
 * ``seed``: the ids the runtime seeds a slot with at admission (prompt + stop ids, or prompt + output on resume);
 * ``emitted``: the tokens the target sampled for the request this step (``-1`` = rejected, skipped);
 * ``topk``: the target's top-k over every logits row of the request this step (a superset of the verified rows);
-* ``draft``: the draft tokens proposed for the request this step;
+* ``draft``: the draft tokens proposed for the request this step (and, in order, ``drafts``: one list per drafting
+  step, so two runs can be compared position by position);
 * ``pinned``: the pool's pinned ids (once, shared by every request);
 
 and ``active``: the union over the request's life of its active set, read from the pool at the start of each
@@ -52,6 +53,7 @@ class DebugRecorder:
         self.pinned: list[int] = _ids(pool._pinned_ids)
         self.sources: dict[str, dict[str, set[int]]] = {}
         self.active: dict[str, set[int]] = {}
+        self.drafts: dict[str, list[list[int]]] = {}  # per request, each drafting step's draft ids in order
         self._rows: list[str] = []  # the req id of each batch row of the step being drafted
 
     @classmethod
@@ -95,11 +97,14 @@ class DebugRecorder:
         rows = draft_ids.tolist() if isinstance(draft_ids, torch.Tensor) else list(draft_ids or [])
         for i, rid in enumerate(self._rows[: len(rows)]):
             self.add(rid, "draft", rows[i])
+            self.drafts.setdefault(rid, []).append([int(t) for t in rows[i]])
 
     # ---- reading ----
     def state(self) -> dict[str, Any]:
-        """JSON-ready: ``{"pinned": [...], "sources": {req: {why: [...]}}, "active": {req: [...]}}``."""
+        """JSON-ready: ``{"pinned": [...], "sources": {req: {why: [...]}}, "active": {req: [...]},
+        "drafts": {req: [[step's drafts], ...]}}``."""
         self.snapshot(self.pool.keys())
         return {"pinned": sorted(self.pinned),
                 "sources": {r: {w: sorted(v) for w, v in d.items()} for r, d in self.sources.items()},
-                "active": {r: sorted(v) for r, v in self.active.items()}}
+                "active": {r: sorted(v) for r, v in self.active.items()},
+                "drafts": {r: [list(d) for d in v] for r, v in self.drafts.items()}}

@@ -4,7 +4,9 @@ Each engine gets its own process (clean memory, vLLM's spawn rules). The job say
 speculative config, which prompts and per-request switches; the result holds the token ids and vLLM's
 speculative-decoding counters (from ``LLM.get_metrics()``) and, when NanoSpec ran, the worker's pool state. With
 ``"env": {"NANOSPEC_DEBUG_RECORD": 1}`` it also returns the worker's debug record (``nanospec_vllm/vllm/debug.py``:
-per request, the ids the runtime added and why, and the active sets it held), the prompt ids and the request ids.
+per request, the ids the runtime added and why, the active sets it held and each step's drafts in order), the
+prompt ids and the request ids. ``"inject": "d2t-shift"`` plants a bug in NanoSpec (not in vLLM): its draft-row map
+is built from ``d2t + 1``, so every target id is scored with its neighbour's lm_head row.
 """
 
 from __future__ import annotations
@@ -16,11 +18,24 @@ import sys
 from nanospec_vllm.tools.engine import chat_ids, engine_kwargs, set_engine_env
 
 
+def inject_d2t_shift() -> None:
+    """NanoSpec's target id -> head row map read from a ``d2t`` off by one (vLLM's own head keeps the right one).
+    The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the patch reaches it."""
+    from nanospec_vllm.ops import binding
+
+    orig = binding.row_index_from_d2t
+    binding.row_index_from_d2t = lambda d2t, vocab_size: orig(d2t + 1, vocab_size)
+
+
 def main() -> None:
     job = json.load(sys.stdin)
     for k, v in (job.get("env") or {}).items():
         os.environ[k] = str(v)
     set_engine_env(kv_cache_gib=2)
+    if job.get("inject") == "d2t-shift":
+        inject_d2t_shift()
+    elif job.get("inject"):
+        raise SystemExit(f"unknown inject: {job['inject']!r}")
     from vllm import LLM, SamplingParams
 
     llm = LLM(**engine_kwargs(job["model"], job.get("spec"), max_model_len=job.get("max_model_len", 2048),

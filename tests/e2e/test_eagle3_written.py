@@ -14,7 +14,9 @@ plus 4,000 random ids above 20,000, so the digits' rows have non-zero ``d2t`` of
 anywhere (writer, vLLM, NanoSpec's draft-row index) drafts other ids, which the prompts (long runs of one digit)
 reject. The test checks that the prediction holds with the right ``d2t``, fails with ``d2t`` shifted by one,
 and that NanoSpec (shipped defaults) keeps the acceptance and the tokens; the same for a full-vocabulary head
-(no ``d2t``, the target's lm_head shared).
+(no ``d2t``, the target's lm_head shared). With every id active, NanoSpec's drafts on this accepted head equal
+vLLM's head's position by position (the debug recorder's ``drafts``), and a bug planted in NanoSpec's own ``d2t``
+row map (``engine_job.py``'s ``d2t-shift``) breaks that equality and the acceptance.
 """
 
 from __future__ import annotations
@@ -105,11 +107,11 @@ def setup(qwen05b, tmp_path_factory):
     return work, vocab, heads
 
 
-def _run(qwen05b, work, head, nanospec=None) -> dict:
+def _run(qwen05b, work, head, nanospec=None, **job) -> dict:
     spec = {"method": "eagle3", "model": str(head), "num_speculative_tokens": K}
     if nanospec is not None:
         spec["nanospec"] = nanospec
-    return run_engine({"model": str(qwen05b), "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "spec": spec}, work)
+    return run_engine(dict(job, model=str(qwen05b), prompts=PROMPTS, max_tokens=MAX_TOKENS, spec=spec), work)
 
 
 def _acc(res) -> tuple[int, int]:
@@ -163,3 +165,45 @@ def test_full_vocabulary_head_shares_the_targets_lm_head_and_nanospec_keeps_it(q
     assert drafts_on > 0 and acc_on >= 0.9 * acc_off, (acc_on, acc_off)
     (pool,) = on["pool"]
     assert pool["head_rows"] == 151_936 and pool["row_index"] is False
+
+
+def _drafts(res) -> list[list[list[int]]]:
+    """Per request (in prompt order), each drafting step's draft ids, from the worker's debug recorder."""
+    (dbg,) = res["debug"]
+    out = []
+    for ext in res["request_ids"]:  # vLLM's engine adds a suffix to the caller's request id
+        (rid,) = [r for r in dbg["drafts"] if r == ext or r.startswith(f"{ext}-")]
+        out.append(dbg["drafts"][rid])
+    return out
+
+
+def test_every_id_active_drafts_vllms_ids_position_by_position_and_a_wrong_d2t_fails(qwen05b, setup):
+    work, _, heads = setup
+    every = work / "every-id.txt"
+    every.write_text("\n".join(str(i) for i in range(151_936)))
+    # every id active, scored in the weight's dtype (dense strategy: vLLM's bf16 ties reproduced), nothing guarded
+    cfg = {"hot_set_path": str(every), "hot_set_size": None, "capacity": 151_937, "target_topk": 0,
+           "dense_fallback_ratio": 1e-6, "always_active_special_ids": False, "guard_coverage": 0}
+    job = {"env": {"NANOSPEC_DEBUG_RECORD": 1}}
+    n = len(PROMPTS)
+    vllm_head = _run(qwen05b, work, heads["reduced"], cfg, switches=[0] * n, **job)  # switched off: vLLM drafts
+    mine = _run(qwen05b, work, heads["reduced"], cfg, switches=[1] * n, **job)
+    bad = _run(qwen05b, work, heads["reduced"], cfg, switches=[1] * n, inject="d2t-shift", **job)
+    t_v, t_m, t_b = (r["pool"][0]["totals"] for r in (vllm_head, mine, bad))
+    assert t_v["sparse_rows"] == 0 and t_m["sparse_rows"] > 0 and t_m["fallback"] == 0, (t_v, t_m)
+    assert t_b["sparse_rows"] > 0 and t_b["no_step"] == t_m["no_step"] == 0, t_b
+    acc_v, drafts_v = _acc(vllm_head)
+    acc_m, drafts_m = _acc(mine)
+    acc_b, drafts_b = _acc(bad)
+    print(f"every id active: vLLM's head {acc_v}/{drafts_v}, NanoSpec {acc_m}/{drafts_m}, "
+          f"NanoSpec with d2t+1 {acc_b}/{drafts_b}")
+    assert acc_v >= 30, "the repeat head must be accepted for this test to have power"
+    assert mine["tokens"] == vllm_head["tokens"] == bad["tokens"]  # lossless even with the planted bug
+    d_v, d_m, d_b = _drafts(vllm_head), _drafts(mine), _drafts(bad)
+    steps = sum(len(d) for d in d_v)
+    assert steps > 0 and d_m == d_v, "NanoSpec with every id active must draft vLLM's head's ids, step by step"
+    assert (acc_m, drafts_m) == (acc_v, drafts_v)
+    # the planted bug: drafts differ at most positions and acceptance collapses
+    same = sum(a == b for rv, rb in zip(d_v, d_b) for sv, sb in zip(rv, rb) for a, b in zip(sv, sb))
+    assert same < 0.5 * steps * K, (same, steps)
+    assert acc_b <= 0.2 * acc_v, (acc_b, acc_v)

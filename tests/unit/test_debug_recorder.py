@@ -64,6 +64,8 @@ def test_records_each_request_sources_and_sets(monkeypatch):
     assert a["topk"] == [40, 41, 42, 43, 44, 45]  # every row of a (a superset of the verified ones)
     assert c["topk"] == [60, 61, 62, 63, 64, 65]
     assert a["draft"] == [70, 71] and c["draft"] == [74, 75]
+    # in order, per drafting step, for every row (the off row b too: vLLM's head drafted it)
+    assert st["drafts"] == {"a": [[70, 71]], "b": [[72, 73]], "c": [[74, 75]]}
     assert "b" not in st["active"]  # switched off: no slot, no set
     # what the pool held (read at release): hand-worked in test_runtime_fake, plus the drafts and the pinned id
     assert st["active"]["a"] == sorted({998, 1, 2, 3, 7, 40, 41, 42, 43, 70, 71})
