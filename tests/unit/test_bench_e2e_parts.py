@@ -447,3 +447,14 @@ def test_run_records_a_missing_chat_template_in_the_header(monkeypatch, tmp_path
                      "--repeats", "1", "--configs", "no-spec", "--iomp", "off", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["header"]["settings"]["chat_template"] is False
     assert f"{ROOT.name} has no chat template" in capsys.readouterr().err
+
+
+def test_mix_groups_round_robin_keeps_every_prompt_once():
+    groups = [{"task": "a", "prompts": ["a1", "a2", "a3"]}, {"task": "b", "prompts": ["b1"]},
+              {"task": "c", "prompts": ["c1", "c2"]}]
+    (mixed,) = e2e.mix_groups(groups)
+    assert mixed == {"task": "mixed", "prompts": ["a1", "b1", "c1", "a2", "c2", "a3"]}
+    assert e2e.mix_groups([]) == [{"task": "mixed", "prompts": []}]
+    assert e2e.mix_groups(groups, 4)[0]["prompts"] == ["a1", "b1", "c1", "a2"]
+    with pytest.raises(e2e.BenchError, match="only 6 prompts"):
+        e2e.mix_groups(groups, 7)

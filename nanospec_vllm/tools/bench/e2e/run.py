@@ -27,6 +27,7 @@ from .inputs import (
     BenchError,
     load_prompt_file,
     load_tasks,
+    mix_groups,
     resolve_config,
     resolve_model,
     speculative_config,
@@ -87,6 +88,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--prompts", default=None, help="JSONL of {\"prompt\": ..., \"task\": ...} instead of the tasks")
     ap.add_argument("--tasks", default=",".join(TASK_GROUPS), help="task groups (default: all 7)")
     ap.add_argument("--limit", type=int, default=3, help="prompts per task group")
+    ap.add_argument("--mix", type=int, nargs="?", const=0, default=None, metavar="N",
+                    help="one group `mixed`: the groups' prompts round-robin (large batches from every group); "
+                         "N > 0 keeps the first N")
     ap.add_argument("--spec-bench", default=None, help="Spec-Bench question.jsonl (default: $NANOSPEC_SPEC_BENCH "
                     "or ../shared/data/spec_bench/question.jsonl)")
     ap.add_argument("--configs", default="no-spec,full-head,nanospec",
@@ -138,6 +142,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         groups = load_prompt_file(args.prompts, args.limit)
     else:
         groups = load_tasks(args.spec_bench, args.limit, [t.strip() for t in args.tasks.split(",") if t.strip()])
+    if args.mix is not None:
+        groups = mix_groups(groups, args.mix)
     errors: list[str] = []
     cfgs: list[dict[str, Any]] = []
     for name in split_configs(args.configs):
