@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .engine import preload_iomp
 
-__all__ = ["ServeProcess", "free_port", "metric", "serve_env", "tree_rss_mb"]
+__all__ = ["ServeProcess", "free_port", "metric", "serve_env", "tree_rss_mb", "tree_rss_parts"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,19 +72,27 @@ def _children() -> dict[int, list[int]]:
 def tree_rss_mb(pid: int) -> float:
     """Resident memory (VmRSS, MiB) of ``pid`` and all its descendants, summed (pages shared between them count
     once per process, so use differences, not the absolute value). Reads ``/proc`` (Linux); 0 when gone."""
-    kids, todo, total = _children(), [pid], 0
+    return sum(tree_rss_parts(pid).values())
+
+
+def tree_rss_parts(pid: int) -> dict[str, float]:
+    """:func:`tree_rss_mb` per process: ``{"<name> <pid>": MiB}`` (name from ``/proc/<pid>/comm``; a server's API
+    process and its engine core apart, to tell which one grows)."""
+    kids, todo, out = _children(), [pid], {}
     while todo:
         p = todo.pop()
         todo += kids.get(p, [])
         try:
+            with open(f"/proc/{p}/comm") as f:
+                name = f.read().strip()
             with open(f"/proc/{p}/status") as f:
                 for line in f:
                     if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
+                        out[f"{name} {p}"] = int(line.split()[1]) / 1024
                         break
         except OSError:
             continue
-    return total / 1024
+    return out
 
 
 class ServeProcess:
@@ -162,6 +170,10 @@ class ServeProcess:
     def rss_mb(self) -> float:
         """:func:`tree_rss_mb` of the server (API process + engine core)."""
         return tree_rss_mb(self.proc.pid)
+
+    def rss_parts(self) -> dict[str, float]:
+        """:func:`tree_rss_parts` of the server."""
+        return tree_rss_parts(self.proc.pid)
 
     def wait_metric(self, name: str, value: float, timeout: float = 30) -> float:
         """Poll ``name`` until it equals ``value`` or ``timeout`` s pass; return the last value read."""

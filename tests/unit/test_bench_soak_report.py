@@ -102,3 +102,35 @@ def test_metric_sums_label_sets():
         pass
     else:
         raise AssertionError("a missing metric must raise")
+
+
+def test_rss_trend_tells_a_steady_rise_from_one_that_flattens():
+    from nanospec_vllm.tools.bench.soak import rss_trend
+
+    steady = [[60.0 * i, 1000.0 + 10 * i] for i in range(11)]  # +10 MiB/min throughout
+    t = rss_trend(steady)
+    assert t["first_half_mb_per_min"] == 10.0 and t["second_half_mb_per_min"] == 10.0 and t["samples"] == 11
+    flat = [[60.0 * i, 1000.0 + 10 * min(i, 5)] for i in range(11)]  # rises 5 minutes, then flat
+    t = rss_trend(flat)
+    assert t["first_half_mb_per_min"] == 10.0 and t["second_half_mb_per_min"] == 0.0
+    assert rss_trend([[0.0, 1.0]])["first_half_mb_per_min"] is None
+
+
+def test_tree_rss_parts_names_each_process_and_sums_to_the_tree():
+    import os
+
+    from nanospec_vllm.tools.server import tree_rss_mb, tree_rss_parts
+
+    parts = tree_rss_parts(os.getpid())
+    mine = [k for k in parts if k.endswith(f" {os.getpid()}")]
+    assert len(mine) == 1 and parts[mine[0]] > 10
+    assert abs(sum(parts.values()) - tree_rss_mb(os.getpid())) < 0.2 * sum(parts.values())
+
+
+def test_plot_rss_writes_a_png(tmp_path):
+    from nanospec_vllm.tools.bench.soak import plot_rss
+
+    report = {"rss_samples_mb": [[0.0, 10.0], [30.0, 12.0]], "header": {"command": "nanospec bench soak"},
+              "rss_by_process_mb": [[0.0, {"a 1": 4.0, "b 2": 6.0}], [30.0, {"a 1": 4.0, "b 2": 8.0}]]}
+    plot_rss(report, str(tmp_path / "rss.png"))
+    assert (tmp_path / "rss.png").read_bytes()[:4] == b"\x89PNG"

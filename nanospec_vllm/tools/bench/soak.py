@@ -268,13 +268,20 @@ def _drive(args: argparse.Namespace, server: Any, header: dict[str, Any], log_pa
     for t in threads:
         t.start()
     rss_samples: list[list[float]] = []
+    by_process: list[list[Any]] = []  # [t, {"<name> <pid>": MiB}]: which process grows
+
+    def sample(el: float) -> float:
+        parts = server.rss_parts()
+        by_process.append([round(el, 1), {k: round(v, 1) for k, v in parts.items()}])
+        rss_samples.append([round(el, 1), round(sum(parts.values()), 1)])
+        return rss_samples[-1][1]
+
     while any(t.is_alive() for t in threads):
         for t in threads:
             t.join(timeout=max(0.1, 30 / len(threads)))
         el = time.monotonic() - t0
         if not rss_samples or el - rss_samples[-1][0] >= 30:
-            rss = server.rss_mb()
-            rss_samples.append([round(el, 1), round(rss, 1)])
+            rss = sample(el)
             with soak.lock:
                 c = Counter(r.status for r in soak.results)
             _log(f"{el:5.0f} s: {sum(c.values())} requests, {c.get('ok', 0)} completed, {c.get('disconnect', 0)} "
@@ -294,17 +301,60 @@ def _drive(args: argparse.Namespace, server: Any, header: dict[str, Any], log_pa
     preemptions = server.metric("vllm:num_preemptions_total") - pre0
     healthy = server.healthy()
     time.sleep(2)
-    rss_end = server.rss_mb()
-    rss_samples.append([round(time.monotonic() - t0, 1), round(rss_end, 1)])
+    rss_end = sample(time.monotonic() - t0)
     report = summarize(results, preemptions=int(preemptions), slots_in_use_end=slots, running_end=running,
                        healthy=healthy, rss_start_mb=rss_start, rss_end_mb=rss_end,
                        max_rss_growth_mb=args.max_rss_growth_mb, require_exercised=not args.no_require_exercised)
     header["machine"]["load_end"] = list(os.getloadavg())
-    report.update(drive_s=round(drive_s, 1), rss_samples_mb=rss_samples, header=header)
+    report.update(drive_s=round(drive_s, 1), rss_samples_mb=rss_samples, rss_by_process_mb=by_process,
+                  rss_trend=rss_trend(rss_samples[:-1]), header=header)
     lat = sorted(r.seconds for r in soak.results if r.status == "ok")
     if lat:
         report["latency_s"] = {"p50": round(lat[len(lat) // 2], 2), "max": round(lat[-1], 2)}
     return report
+
+
+def _slope(pts: list[list[float]]) -> float | None:
+    """Least-squares MiB per minute through ``[[t_s, MiB], ...]`` (None under 3 points)."""
+    if len(pts) < 3:
+        return None
+    n = len(pts)
+    mt, mr = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n
+    var = sum((p[0] - mt) ** 2 for p in pts)
+    return None if var == 0 else 60 * sum((p[0] - mt) * (p[1] - mr) for p in pts) / var
+
+
+def rss_trend(samples: list[list[float]]) -> dict[str, Any]:
+    """Growth rate of the driving phase's RSS samples, first half vs second half (MiB/min): a leak keeps its rate,
+    caches filling up slow down."""
+    half = len(samples) // 2
+    first, second = _slope(samples[: half + 1]), _slope(samples[half:])
+    return {"first_half_mb_per_min": None if first is None else round(first, 2),
+            "second_half_mb_per_min": None if second is None else round(second, 2),
+            "samples": len(samples)}
+
+
+def plot_rss(report: dict[str, Any], png: str) -> None:
+    """RSS over time, the server's total and each process (needs matplotlib: the ``test``/``bench`` extras)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    tot = report["rss_samples_mb"]
+    ax.plot([t / 60 for t, _ in tot], [m for _, m in tot], label="server total", lw=2)
+    names = sorted({k for _, parts in report.get("rss_by_process_mb", []) for k in parts})
+    for name in names:
+        pts = [(t / 60, parts[name]) for t, parts in report["rss_by_process_mb"] if name in parts]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, lw=1)
+    ax.set_xlabel("minutes of driving")
+    ax.set_ylabel("resident memory, MiB")
+    ax.set_title(f"nanospec bench soak: {report['header'].get('command', '')}"[:110], fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-require-exercised", action="store_true",
                     help="do not fail a run without preemption, disconnect, abort or comparison")
     ap.add_argument("--log", default=None, help="server log file (default: a temporary file)")
+    ap.add_argument("--plot", default=None, metavar="PNG", help="plot RSS over time (total and per process) here")
     args = ap.parse_args(argv)
     args.argv = argv
     if args.duration <= 0 or args.concurrency < 1:
@@ -346,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    if args.plot:
+        plot_rss(report, args.plot)
     keys = ("requests", "completed", "disconnects", "aborts", "preemptions", "errors_5xx", "errors_4xx",
             "errors_other", "compared", "mismatches", "slots_in_use_end", "rss_growth_mb")
     _log(", ".join(f"{k}={report[k]}" for k in keys))
