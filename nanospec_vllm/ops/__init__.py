@@ -86,9 +86,10 @@ def available_impls(device: torch.device | str) -> list[str]:
 
 def resolve_impl(impl: str, device: torch.device | str) -> str:
     """Map ``auto`` to a concrete implementation for ``device``; validate an explicit choice. ``union`` is kept
-    as is (its overflow pass uses ``auto``'s kernel)."""
+    as is (its overflow pass uses ``auto``'s kernel); so is ``dense`` (every step handed to vLLM's head: the sparse
+    head never scores)."""
     dev = torch.device(device)
-    if impl == "union":
+    if impl in ("union", "dense"):
         return impl
     avail = available_impls(dev)
     if impl == "auto":

@@ -182,8 +182,8 @@ class SparseDraftHead:
         self._sizes.read(wait=self.same_step_everywhere)  # the copies that have arrived (TP: all issued so far)
         S, U = self.lagged_sizes(B, ids.shape[1])
         bucket = cost.union_bucket(U, B, ids.shape[1], Vw)
-        if kernel == "union":
-            path = "union"
+        if kernel in ("union", "dense"):  # forced (benchmarks; `dense`: NanoSpec keeps its sets, vLLM drafts)
+            path = kernel
         elif model is not None:
             path = cost.choose(model, cost.StepSizes(B, H, Vw, S, U, positions=self._positions), bucket)
         else:

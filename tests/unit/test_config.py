@@ -64,7 +64,7 @@ def test_auto_hot_set_matches_the_tokenizer():
         ({"capacity": "big"}, "nanospec.capacity"),
         ({"target_topk": 99}, "nanospec.target_topk"),
         ({"full_policy": "lru"}, "'stop' or 'fifo'"),
-        ({"kernel": "cuda"}, "'auto', 'triton', 'torch', 'native' or 'union'"),
+        ({"kernel": "cuda"}, "'auto', 'triton', 'torch', 'native', 'union' or 'dense'"),
         ({"capacty": 10}, "nanospec.capacty: unknown key (allowed: enabled, capacity"),
         ({"always_active_ids": [-3]}, "nanospec.always_active_ids"),
         ({"hot_set_path": "/nonexistent/ids.txt"}, "file not found"),

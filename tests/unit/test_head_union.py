@@ -177,6 +177,30 @@ def test_handed_back_drafts_are_not_added_to_the_sets(monkeypatch) -> None:
     assert rt.stats.totals["path_dense"] == 1 and rt.stats.totals["sparse_rows"] == 0
 
 
+def test_kernel_dense_hands_every_step_to_vllms_head() -> None:
+    """``kernel: dense`` forces the dense path (benchmarks, and the TP hand-back e2e test): no cost model, no
+    sparse scoring, the sets still kept; the path counted once per step."""
+    from types import SimpleNamespace as NS
+
+    w = torch.randn(V, H, generator=torch.Generator().manual_seed(0))
+    r, rt, proposer = _runner({"target_topk": 2, "capacity": 64, "kernel": "dense"}, "cpu", w)
+    assert rt.impl == "dense"
+    _admit(r, rt, REQS)
+    logits, sampled, hidden = _inputs("cpu")
+    for _ in range(2):
+        rt.begin_step()
+        rt.on_verification_logits(logits)
+        rt.before_propose(r, sampled, NS(num_draft_tokens=[2, 1, 2]), hidden,
+                          NS(query_start_loc_cpu=torch.tensor([0, 3, 5, 6])))
+        for pos in range(2):
+            assert rt.draft(proposer, hidden[pos * 3: pos * 3 + 3], NS(all_greedy=True)) is None
+        rt.after_propose(torch.tensor([[5, 6], [7, 8], [9, 10]]))
+        rt.end_step()
+    t = rt.stats.totals
+    assert t["path_dense"] == 2 and t["path_per_request"] == t["path_union"] == 0 and t["sparse_rows"] == 0
+    assert t["target"] > 0  # the sets are still kept and coverage counted
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 def test_tensor_parallel_ranks_read_every_lagged_size(monkeypatch, tp: int) -> None:
     """With TP every rank must choose the same path (a handed-back step runs vLLM's collectives, not the sparse

@@ -392,7 +392,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 #: sparse head implementations: kernel setting and extra config (``dense``: the dense strategy at any size)
 KERNELS = {"torch": {"kernel": "torch"}, "native": {"kernel": "native"}, "triton": {"kernel": "triton"},
            "dense": {"kernel": "torch", "dense_fallback_ratio": 1e-3}, "union": {"kernel": "union"},
-           "auto": {"kernel": "auto"}}
+           "auto": {"kernel": "auto"}, "vllm-head": {"kernel": "dense"}}
 
 
 def _kernel_cfg(kernel: str, device: str) -> dict:
