@@ -215,6 +215,15 @@ def draw_cases(files: Files, seed: int = SEED, n: int = N_CASES) -> list[Case]:
         key = rng.choice(sorted(set(gens) - {"hot_set_path", "hot_set_size"}))
         cases.append(Case(len(cases), {"hot_set_path": path, key: gens[key][0](rng, "ok")},
                           {"hot_set_path": "bad", key: "ok"}))
+    # and pins that fill the set three times (a valid hot set and always-active ids, capacity <= what they pin),
+    # however the random draw above falls
+    for path, size in sorted(files.ok.items()):
+        if size:
+            cases.append(Case(len(cases), {"hot_set_path": path, "hot_set_size": None, "always_active_ids": [0],
+                                           "capacity": size}, dict.fromkeys(("hot_set_path", "hot_set_size",
+                                                                          "always_active_ids", "capacity"), "ok")))
+    cases.append(Case(len(cases), {"always_active_ids": [1, 2], "capacity": 2},
+                      {"always_active_ids": "ok", "capacity": "ok"}))
     return cases
 
 
