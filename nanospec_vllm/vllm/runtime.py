@@ -255,7 +255,9 @@ class NanoSpecRuntime:
             self._add_prompt_topk(runner, tracked, slots, hidden, attn_meta)
         if rows:
             self._verified(sampled, slots, idx, None if nd_all is None else nd, starts, topk)
-        # the sets are final for this step's draft positions: read the on rows' once, freeze the batch
+        # the sets are final for this step's draft positions: read the on rows' once, freeze the batch. Also on a
+        # step the head then hands to vLLM (dense path): their sizes (and a due union probe) are what the lagged
+        # statistics read, and without them `auto` could not see the load fall and come back from dense
         active = self.pool.active(slots[on_idx]) if plan.on_rows else None
         if active is not None:
             self.stats.record_sizes(active[1])
