@@ -110,9 +110,12 @@ def test_rss_trend_tells_a_steady_rise_from_one_that_flattens():
     steady = [[60.0 * i, 1000.0 + 10 * i] for i in range(11)]  # +10 MiB/min throughout
     t = rss_trend(steady)
     assert t["first_half_mb_per_min"] == 10.0 and t["second_half_mb_per_min"] == 10.0 and t["samples"] == 11
+    assert t["last_quarter_mb_per_min"] == 10.0
     flat = [[60.0 * i, 1000.0 + 10 * min(i, 5)] for i in range(11)]  # rises 5 minutes, then flat
     t = rss_trend(flat)
     assert t["first_half_mb_per_min"] == 10.0 and t["second_half_mb_per_min"] == 0.0
+    late = [[60.0 * i, 1000.0 + 30 * (i >= 6)] for i in range(12)]  # one step in the middle, flat after it
+    assert rss_trend(late)["last_quarter_mb_per_min"] == 0.0
     assert rss_trend([[0.0, 1.0]])["first_half_mb_per_min"] is None
 
 

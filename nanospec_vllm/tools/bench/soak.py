@@ -325,13 +325,14 @@ def _slope(pts: list[list[float]]) -> float | None:
 
 
 def rss_trend(samples: list[list[float]]) -> dict[str, Any]:
-    """Growth rate of the driving phase's RSS samples, first half vs second half (MiB/min): a leak keeps its rate,
-    caches filling up slow down."""
-    half = len(samples) // 2
-    first, second = _slope(samples[: half + 1]), _slope(samples[half:])
-    return {"first_half_mb_per_min": None if first is None else round(first, 2),
-            "second_half_mb_per_min": None if second is None else round(second, 2),
-            "samples": len(samples)}
+    """Growth rate of the driving phase's RSS samples, first half, second half and last quarter (MiB/min): a leak
+    keeps its rate, caches filling up to a high-water mark grow in steps and then stay flat."""
+    half, quarter = len(samples) // 2, len(samples) * 3 // 4
+    rates = {"first_half": _slope(samples[: half + 1]), "second_half": _slope(samples[half:]),
+             "last_quarter": _slope(samples[quarter:])}
+    out: dict[str, Any] = {f"{k}_mb_per_min": None if v is None else round(v, 2) for k, v in rates.items()}
+    out["samples"] = len(samples)
+    return out
 
 
 def plot_rss(report: dict[str, Any], png: str) -> None:
@@ -343,13 +344,14 @@ def plot_rss(report: dict[str, Any], png: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4))
     tot = report["rss_samples_mb"]
-    ax.plot([t / 60 for t, _ in tot], [m for _, m in tot], label="server total", lw=2)
+    ax.plot([t / 60 for t, _ in tot], [m - tot[0][1] for _, m in tot], label=f"server total ({tot[0][1]:,.0f} MiB at first)",
+            lw=2)
     names = sorted({k for _, parts in report.get("rss_by_process_mb", []) for k in parts})
     for name in names:
         pts = [(t / 60, parts[name]) for t, parts in report["rss_by_process_mb"] if name in parts]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, lw=1)
-    ax.set_xlabel("minutes of driving")
-    ax.set_ylabel("resident memory, MiB")
+        ax.plot([p[0] for p in pts], [p[1] - pts[0][1] for p in pts], label=f"{name} ({pts[0][1]:,.0f} MiB)", lw=1)
+    ax.set_xlabel("minutes since the driving began (the last point: after the reference re-runs)")
+    ax.set_ylabel("resident memory above the first sample, MiB")
     ax.set_title(f"nanospec bench soak: {report['header'].get('command', '')}"[:110], fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
