@@ -8,6 +8,7 @@ import json
 import statistics
 from typing import Any
 
+from ....vllm.metrics.transport import PATH_COUNTERS
 from ...breakeven import break_even_coverage
 
 METRICS = ("tokens_per_s", "tau", "accept_rate", "coverage", "mean_active", "draft_ms_per_step", "step_ms",
@@ -62,7 +63,7 @@ def group_metrics(g: dict[str, Any], spec: bool) -> dict[str, Any]:
 
 
 def _share(ns: dict[str, Any] | None, key: str) -> float | None:
-    n = sum(ns.get(k, 0) for k in ("path_per_request", "path_union", "path_dense")) if ns else 0
+    n = sum(ns.get(k, 0) for k in PATH_COUNTERS) if ns else 0
     return ns.get(key, 0) / n if n else None
 
 
