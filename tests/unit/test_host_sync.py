@@ -363,8 +363,12 @@ def _install_wrappers(r: Any, proposer: Any) -> None:
             toks.append(tok)
         return torch.stack(toks, 1)
 
-    def full_head(self: Any, hidden: Any, sampling_metadata: Any) -> Any:  # vLLM's own (not asked here)
-        raise AssertionError("every row of these batches is NanoSpec's or vLLM's full head inside NanoSpec's call")
+    def full_head(self: Any, hidden: Any, sampling_metadata: Any) -> Any:
+        """vLLM's own head: asked only when NanoSpec hands the whole step back (``kernel: dense``)."""
+        if not getattr(r.fake, "vllm_head", False):
+            raise AssertionError("every row of these batches is NanoSpec's or vLLM's full head inside NanoSpec's call")
+        logits = self.model.compute_logits(hidden)
+        return logits.argmax(-1), (None if sampling_metadata.all_greedy else logits.softmax(-1))
 
     for name, orig in (("_update_states", update_states), ("execute_model", execute_model), ("_sample", sample),
                        ("sample_tokens", sample_tokens), ("propose_draft_token_ids", propose)):
@@ -405,7 +409,7 @@ def _kernel_cfg(kernel: str, device: str) -> dict:
     choices = typing.get_args(NanoSpecConfig.model_fields["kernel"].annotation)
     if cfg["kernel"] not in choices:
         pytest.skip(f"no {cfg['kernel']} sparse head in this version")
-    if cfg["kernel"] not in ("union", "auto") and cfg["kernel"] not in available_impls(device):
+    if cfg["kernel"] not in ("union", "auto", "dense") and cfg["kernel"] not in available_impls(device):
         pytest.skip(f"{cfg['kernel']} sparse head not available on {device}")
     return cfg
 
@@ -430,7 +434,7 @@ def test_a_step_reads_no_device_data(device: str, kernel: str, via: str, greedy:
     reqs = {"a": ([1, 2, 3], None), "b": ([4, 5], 0), "c": ([6], "on")}
     if via == "patches":
         _install_wrappers(r, proposer)
-        r.fake = NS(inputs=inputs, greedy=greedy, qsl=qsl)
+        r.fake = NS(inputs=inputs, greedy=greedy, qsl=qsl, vllm_head=kernel == "vllm-head")
         proposer._enable_probabilistic_draft_probs = not greedy
     with HostReadCounter(host=_host_tensors(rt, qsl)) as c:
         if device == "cuda":
@@ -451,6 +455,8 @@ def test_a_step_reads_no_device_data(device: str, kernel: str, via: str, greedy:
     # drafted positions with an emitted token per step: a -> 2 (2, 7), c -> 2 (6, 8); b is off
     assert tot["target"] == 8
     assert tot["size_n"] == 4  # 2 NanoSpec rows x 2 steps, recorded once per propose
+    if kernel == "vllm-head":  # every step handed back: vLLM's head drafted, NanoSpec scored nothing
+        assert tot["path_dense"] == 2 and tot["sparse_rows"] == 0, tot
     if via == "patches":  # NanoSpec drafted the on rows (b, switched off, by vLLM's head inside the same call)
         assert out.draft_token_ids.shape == out2.draft_token_ids.shape == (3, 2) and rt.ctx is None
     elif device == "cpu":  # the host is the device: every step's figures are ready at its own end
