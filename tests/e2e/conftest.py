@@ -73,6 +73,14 @@ def run_engine(job: dict, tmp_path: Path, timeout: int = 900) -> dict:
     return json.loads(Path(job["out"]).read_text())
 
 
+def worker_key(keys, ext: str) -> str:
+    """The worker's request id (a debug record's key) for the id the caller got back: vLLM's engine adds a
+    suffix. Exactly one must match."""
+    found = [r for r in keys if r == ext or r.startswith(f"{ext}-")]
+    assert len(found) == 1, (ext, sorted(keys))
+    return found[0]
+
+
 SERVER_ARGS = ["--speculative-config", str(ROOT / "configs" / "examples" / "cpu-self-draft.yaml"), "--enforce-eager",
                "--max-model-len", "512", "--max-num-seqs", "8", "--num-gpu-blocks-override", "9"]  # 9 x 128 tokens
 

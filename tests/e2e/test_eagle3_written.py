@@ -30,7 +30,7 @@ from safetensors import safe_open
 from nanospec_vllm.tools.eagle.format import write_head
 from nanospec_vllm.tools.eagle.format3 import check_tensors3, draft_vocab, eagle3_config, random_tensors3
 
-from .conftest import run_engine
+from .conftest import run_engine, worker_key
 
 pytestmark = pytest.mark.e2e
 K = 3
@@ -170,11 +170,7 @@ def test_full_vocabulary_head_shares_the_targets_lm_head_and_nanospec_keeps_it(q
 def _drafts(res) -> list[list[list[int]]]:
     """Per request (in prompt order), each drafting step's draft ids, from the worker's debug recorder."""
     (dbg,) = res["debug"]
-    out = []
-    for ext in res["request_ids"]:  # vLLM's engine adds a suffix to the caller's request id
-        (rid,) = [r for r in dbg["drafts"] if r == ext or r.startswith(f"{ext}-")]
-        out.append(dbg["drafts"][rid])
-    return out
+    return [dbg["drafts"][worker_key(dbg["drafts"], ext)] for ext in res["request_ids"]]
 
 
 def test_every_id_active_drafts_vllms_ids_position_by_position_and_a_wrong_d2t_fails(qwen05b, setup):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import run_engine
+from .conftest import run_engine, worker_key
 
 pytestmark = pytest.mark.e2e
 
@@ -43,10 +43,9 @@ def _per_request(run) -> list[dict]:
     dbg = next(d for d in run["debug"] if d is not None)
     out = []
     for i, ext in enumerate(run["request_ids"]):
-        rids = [r for r in dbg["active"] if r == ext or r.startswith(f"{ext}-")]
-        assert len(rids) == 1, (ext, sorted(dbg["active"]))
-        src = dbg["sources"][rids[0]]
-        out.append({"active": set(dbg["active"][rids[0]]), "sources": {k: set(v) for k, v in src.items()},
+        rid = worker_key(dbg["active"], ext)
+        src = dbg["sources"][rid]
+        out.append({"active": set(dbg["active"][rid]), "sources": {k: set(v) for k, v in src.items()},
                     "own": set().union(*map(set, src.values())) | set(run["tokens"][i]),
                     "prompt": set(run["prompt_ids"][i])})
     return out
