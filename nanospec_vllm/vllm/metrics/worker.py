@@ -25,7 +25,7 @@ import torch
 from ...hostcopy import LaggedHostCopies
 from .transport import HOST_COUNTERS, PATH_COUNTERS
 
-__all__ = ["HOST_COUNTERS", "PATH_COUNTERS", "StepStats"]
+__all__ = ["StepStats"]
 
 #: staged steps kept before the oldest one is waited for (the GPU is never this far behind in vLLM)
 MAX_IN_FLIGHT = 8
